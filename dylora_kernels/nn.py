@@ -1,0 +1,81 @@
+"""DyLoRALinear: a drop-in nn.Linear with a DyLoRA adapter whose rank is chosen at run time."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .ops import check_rank, dylora_linear
+
+
+class DyLoRALinear(nn.Module):
+    """``y = x·Wᵀ + bias + (alpha/b)·(x·A[:b]ᵀ)·B[:, :b]ᵀ`` with a frozen base layer.
+
+    ``lora_A`` (r_max, in_features) starts Kaiming-uniform and ``lora_B`` (out_features, r_max) at
+    zero, as in LoRA, so a fresh layer equals its base layer. The rank b (default r_max) is set
+    with :meth:`set_rank`: an int, a 0-d integer tensor, or a 1-D tensor with one rank per row of
+    the flattened input. It is kept as a tensor buffer so that changing it never recompiles.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r_max: int, alpha: float,
+                 bias: bool = True, frozen_prefix: bool = True, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        base = nn.Linear(in_features, out_features, bias=bias, **factory)
+        self._init(base.weight, base.bias, r_max, alpha, frozen_prefix)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r_max: int, alpha: float,
+                    frozen_prefix: bool = True) -> "DyLoRALinear":
+        """Wrap an existing nn.Linear: its weight and bias Parameters are shared (no copy) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init(linear.weight, linear.bias, r_max, alpha, frozen_prefix)
+        return layer
+
+    def _init(self, weight: nn.Parameter, bias: nn.Parameter | None, r_max: int, alpha: float,
+              frozen_prefix: bool) -> None:
+        if isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < 1:
+            raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        self.out_features, self.in_features = weight.shape
+        self.r_max, self.alpha, self.frozen_prefix = r_max, float(alpha), bool(frozen_prefix)
+        self.weight = weight
+        self.bias = bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r_max, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT's LoRA
+        # The rank is runtime data; not saved in the state_dict (it is a choice, not a weight).
+        self.register_buffer("_rank", torch.tensor(r_max, device=weight.device), persistent=False)
+
+    @property
+    def rank(self) -> int | Tensor:
+        """The current rank: an int, or the per-row rank tensor."""
+        return self._rank if self._rank.dim() else int(self._rank)
+
+    def set_rank(self, rank: int | Tensor) -> None:
+        """Use rank ``rank`` from now on: an int in [1, r_max], a 0-d or a per-row integer tensor."""
+        checked = check_rank(rank, self.r_max, self._rank.device)
+        if isinstance(rank, int) and self._rank.dim() == 0:
+            self._rank.fill_(rank)  # in place: no new tensor, no recompilation, no host sync
+        else:
+            self._rank = checked
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dylora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self._rank,
+                             self.alpha, frozen_prefix=self.frozen_prefix)
+
+    def extra_repr(self) -> str:
+        rank = self.rank if isinstance(self.rank, int) else f"per-row{tuple(self._rank.shape)}"
+        mode = "frozen_prefix" if self.frozen_prefix else "full"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r_max={self.r_max}, alpha={self.alpha}, "
+                f"rank={rank}, mode={mode}")
