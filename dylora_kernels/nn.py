@@ -15,7 +15,8 @@ class DyLoRALinear(nn.Module):
     ``lora_A`` (r_max, in_features) starts Kaiming-uniform and ``lora_B`` (out_features, r_max) at
     zero, as in LoRA, so a fresh layer equals its base layer. The rank b (default r_max) is set
     with :meth:`set_rank`: an int, a 0-d integer tensor, or a 1-D tensor with one rank per row of
-    the flattened input. It is kept as a tensor buffer so that changing it never recompiles.
+    the flattened input (or one per sample along the first dimension of a batch-first input of 3 or
+    more dimensions). It is kept as a tensor buffer so that changing it never recompiles.
     """
 
     def __init__(self, in_features: int, out_features: int, r_max: int, alpha: float,
@@ -70,7 +71,11 @@ class DyLoRALinear(nn.Module):
             self._rank = checked
 
     def forward(self, x: Tensor) -> Tensor:
-        return dylora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self._rank,
+        rank = self._rank
+        if rank.dim() == 1 and x.dim() > 2 and rank.shape[0] == x.shape[0]:
+            # One rank per sample of a batch-first input: the same rank for all of its rows.
+            rank = rank.repeat_interleave(x[0, ..., 0].numel())
+        return dylora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, rank,
                              self.alpha, frozen_prefix=self.frozen_prefix)
 
     def extra_repr(self) -> str:
