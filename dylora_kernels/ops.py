@@ -89,6 +89,7 @@ def _(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], rank)
+    ctx.mark_non_differentiable(output[1])  # u is saved for the backward, not a result
     ctx.alpha, ctx.frozen_prefix, ctx.backend = alpha, frozen_prefix, backend
 
 
@@ -133,8 +134,8 @@ def dylora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor
     Returns:
         (..., N) tensor in x's dtype.
     """
+    _check_tensors(x, weight, bias, lora_A, lora_B)
     backend = _resolve_backend(backend, x)
-    _check_tensors(x, weight, bias, lora_A, lora_B, backend)
     rank = check_rank(rank, lora_A.shape[0], x.device, rows=x.numel() // x.shape[-1])
     alpha = _check_alpha(alpha)
     if backend == "reference":
@@ -145,6 +146,7 @@ def dylora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor
 
 
 def _resolve_backend(backend: str, x: Tensor) -> str:
+    """The concrete backend for x's device and dtype ("auto" resolved), or a clear error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = x.device.type
@@ -160,6 +162,9 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
     if backend == "triton" and device != "cuda" and not (device == "cpu" and _triton_interpreter()):
         raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
                          f"got x on {x.device}")
+    if x.dtype not in DTYPES[backend]:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in DTYPES[backend])
+        raise TypeError(f"backend={backend!r} supports dtypes {allowed}; got {x.dtype}")
     return backend
 
 
@@ -167,7 +172,7 @@ def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check_tensors(x, weight, bias, lora_A, lora_B, backend: str) -> None:
+def _check_tensors(x, weight, bias, lora_A, lora_B) -> None:
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
@@ -191,9 +196,6 @@ def _check_tensors(x, weight, bias, lora_A, lora_B, backend: str) -> None:
     dtypes = {name: t.dtype for name, t in named.items()}
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"x, weight, bias, lora_A and lora_B must share one dtype, got {dtypes}")
-    if x.dtype not in DTYPES[backend]:
-        allowed = ", ".join(str(d).removeprefix("torch.") for d in DTYPES[backend])
-        raise TypeError(f"backend={backend!r} supports dtypes {allowed}; got {x.dtype}")
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"x, weight, bias, lora_A and lora_B must be on one device, got {devices}")

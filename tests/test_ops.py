@@ -1,0 +1,166 @@
+"""The dylora ops against the float64 reference, on every backend this machine has (conftest.BACKENDS)."""
+import pytest
+import torch
+
+import dylora_kernels
+from dylora_kernels import reference
+from conftest import BACKENDS, backend_dtype_params, device_of, rel_err, tolerance
+
+# (x shape, N, r_max, bias, x layout): odd sizes, a 3-D input, M = 1, r_max = 1 and r_max not a power of 2.
+CASES = [
+    ((37, 45), 29, 7, True, "contiguous"),
+    ((2, 9, 33), 20, 12, False, "contiguous"),
+    ((1, 16), 24, 1, True, "contiguous"),
+    ((70, 40), 52, 33, False, "strided"),
+]
+CASE_IDS = ["37x45x29-r7", "2x9x33x20-r12-3d", "1x16x24-r1", "70x40x52-r33-strided"]
+RANKS = ["1", "mid", "r_max", "per_row"]
+
+
+def make_inputs(x_shape, N, r_max, bias, layout, dtype, device, seed=0):
+    """Random x, W, bias, A and B (B is never LoRA's zeros: that would hide the low-rank path)."""
+    g = torch.Generator().manual_seed(seed)
+    K = x_shape[-1]
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
+        x = rnd(*x_shape[:-1], 2 * K)[..., ::2]
+    else:
+        x = rnd(*x_shape)
+    tensors = dict(x=x, weight=rnd(N, K) / K**0.5, bias=rnd(N) if bias else None,
+                   lora_A=rnd(r_max, K) / K**0.5, lora_B=rnd(N, r_max))
+    return {k: None if v is None else v.to(device, dtype) for k, v in tensors.items()}
+
+
+def pick_rank(kind, r_max, rows, device, seed=0):
+    if kind == "1":
+        return 1
+    if kind == "r_max":
+        return r_max
+    if kind == "mid":
+        return torch.tensor((r_max + 1) // 2, device=device)  # a 0-d tensor
+    ranks = torch.randint(1, r_max + 1, (rows,), generator=torch.Generator().manual_seed(seed))
+    ranks[0], ranks[-1] = 1, r_max  # both ends present
+    return ranks.to(device)
+
+
+def run(inputs, rank, alpha, frozen_prefix, backend, grad_out):
+    """y and the gradients of x, lora_A and lora_B, for one backend."""
+    leaves = {k: v.detach().clone().requires_grad_(k in ("x", "lora_A", "lora_B"))
+              for k, v in inputs.items() if v is not None}
+    if inputs["x"].stride(-1) != 1:  # keep the caller's non-contiguous layout
+        leaves["x"] = inputs["x"].detach().requires_grad_(True)
+    y = dylora_kernels.dylora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_A"],
+                                     leaves["lora_B"], rank, alpha, frozen_prefix=frozen_prefix, backend=backend)
+    y.backward(grad_out.to(y.dtype))
+    return y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad
+
+
+def reference_run(inputs, rank, alpha, frozen_prefix, grad_out):
+    cpu64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
+    rank = rank.cpu() if isinstance(rank, torch.Tensor) else rank
+    return run(cpu64, rank, alpha, frozen_prefix, "reference", grad_out.double())
+
+
+def trained_slots(rank, r_max, rows, frozen_prefix):
+    """Boolean (r_max,): the slots of dA rows / dB columns that may be non-zero."""
+    b = torch.as_tensor(rank).cpu().reshape(-1).expand(rows)
+    slots = torch.arange(r_max)
+    if frozen_prefix:
+        return (slots[None, :] == b[:, None] - 1).any(0)
+    return (slots[None, :] < b[:, None]).any(0)
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("rank_kind", RANKS)
+@pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
+def test_matches_float64_reference(backend, dtype, case, rank_kind, frozen_prefix):
+    x_shape, N, r_max, bias, layout = case
+    device = device_of(backend)
+    inputs = make_inputs(x_shape, N, r_max, bias, layout, dtype, device)
+    rows = inputs["x"].numel() // x_shape[-1]
+    rank = pick_rank(rank_kind, r_max, rows, device)
+    grad_out = torch.randn(*x_shape[:-1], N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    alpha = 3.0
+
+    ours = run(inputs, rank, alpha, frozen_prefix, backend, grad_out.to(device))
+    ref = reference_run(inputs, rank, alpha, frozen_prefix, grad_out)
+
+    tol = tolerance(backend, dtype)
+    for name, out, expected in zip(("y", "dx", "dA", "dB"), ours, ref):
+        assert out.dtype == dtype and out.shape == expected.shape, name
+        assert torch.isfinite(out).all(), f"{name} has non-finite values (unwritten elements?)"
+        assert rel_err(out.cpu(), expected) <= tol, f"{name}: rel err {rel_err(out.cpu(), expected):.2e} > {tol}"
+    # Slots outside the trained ones get exactly zero gradient (frozen prefix: all but b-1).
+    untouched = ~trained_slots(rank, r_max, rows, frozen_prefix)
+    dA, dB = ours[2].cpu(), ours[3].cpu()
+    assert (dA[untouched] == 0).all() and (dB[:, untouched] == 0).all()
+    assert dA[~untouched].abs().sum() > 0 and dB[:, ~untouched].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_no_dx_when_x_is_frozen(backend, dtype):
+    """x without requires_grad: the dx GEMM is skipped and dA/dB are unchanged."""
+    device = device_of(backend)
+    inputs = make_inputs((19, 24), 31, 8, True, "contiguous", dtype, device)
+    A = inputs["lora_A"].clone().requires_grad_(True)
+    B = inputs["lora_B"].clone().requires_grad_(True)
+    y = dylora_kernels.dylora_linear(inputs["x"], inputs["weight"], inputs["bias"], A, B, 5, 2.0, backend=backend)
+    g = torch.randn(19, 31, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y.backward(g.to(device, dtype))
+    ref = reference_run(inputs, 5, 2.0, False, g)
+    assert rel_err(A.grad.cpu(), ref[2]) <= tolerance(backend, dtype)
+    assert rel_err(B.grad.cpu(), ref[3]) <= tolerance(backend, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_base_layer_gradients_when_unfrozen(backend, dtype):
+    """dW = gᵀx and dbias = Σ g, only when the base weight / bias require grad."""
+    device = device_of(backend)
+    inputs = make_inputs((23, 20), 18, 6, True, "contiguous", dtype, device)
+    W = inputs["weight"].clone().requires_grad_(True)
+    bias = inputs["bias"].clone().requires_grad_(True)
+    y = dylora_kernels.dylora_linear(inputs["x"], W, bias, inputs["lora_A"], inputs["lora_B"], 4, 1.5,
+                                     backend=backend)
+    g = torch.randn(23, 18, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y.backward(g.to(device, dtype))
+    x64 = inputs["x"].cpu().double()
+    assert rel_err(W.grad.cpu(), g.t() @ x64) <= tolerance(backend, dtype)
+    assert rel_err(bias.grad.cpu(), g.sum(0)) <= tolerance(backend, dtype)
+
+
+def test_gradcheck_float64_cpp():
+    """Finite differences agree with the C++ backward in full mode (every input) and, in frozen-prefix
+    mode, for x (its gradient is the true one; A and B get DyLoRA's truncated gradient on purpose)."""
+    g = torch.Generator().manual_seed(4)
+    x, W, bias = torch.randn(7, 9, generator=g), torch.randn(5, 9, generator=g), torch.randn(5, generator=g)
+    A, B = torch.randn(4, 9, generator=g), torch.randn(5, 4, generator=g)
+    inputs = [t.double().requires_grad_(True) for t in (x, W, bias, A, B)]
+    for rank in (3, torch.tensor([1, 4, 2, 3, 4, 1, 2])):
+        f = lambda x, W, bias, A, B: dylora_kernels.dylora_linear(x, W, bias, A, B, rank, 2.0, backend="cpp")
+        assert torch.autograd.gradcheck(f, inputs)
+        frozen = lambda x: dylora_kernels.dylora_linear(x, *inputs[1:], rank, 2.0, frozen_prefix=True, backend="cpp")
+        assert torch.autograd.gradcheck(frozen, inputs[:1])
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-rank", "per-row"])
+def test_opcheck(backend, per_row):
+    device = device_of(backend)
+    dtype = torch.float32
+    inputs = make_inputs((13, 24), 20, 6, True, "contiguous", dtype, device)
+    rank = torch.tensor([1, 6, 3] * 4 + [2], device=device) if per_row else torch.tensor(4, device=device)
+    x, W, bias, A, B = (inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+    for t in (x, A, B):
+        t.requires_grad_(True)
+    for frozen_prefix in (False, True):
+        torch.library.opcheck(torch.ops.dylora.forward.default,
+                              (x, W, bias, A, B, rank, 2.0, frozen_prefix, backend))
+    y, u = torch.ops.dylora.forward(x, W, bias, A, B, rank, 2.0, False, backend)
+    g = torch.randn_like(y)
+    for frozen_prefix in (False, True):
+        for compute_dx in (False, True):
+            torch.library.opcheck(torch.ops.dylora.backward.default,
+                                  (g, x.detach(), W, A.detach(), B.detach(), u.detach(), rank, 2.0, frozen_prefix,
+                                   compute_dx, backend))
