@@ -2,7 +2,7 @@
 //
 // Every product is one BLAS-backed ATen call on views of the caller's storage: A[:b] is a narrow of
 // rows, B[:, :b] a narrow of columns, nothing is copied. The scale alpha/b rides in addmm's alpha,
-// and the low-rank term is accumulated into y (and dx) by the GEMM itself (beta = 1): no
+// and the low-rank term and the frozen GEMM are summed by the GEMMs themselves (beta = 1): no
 // elementwise pass over an (M, N) or (M, K) tensor. The rank-b intermediates u = x·A[:b]ᵀ and
 // v = g·B[:, :b] are accumulated in float32 (float64 for float64 inputs).
 //
@@ -37,21 +37,33 @@ Tensor slot_mask(const Tensor& b, int64_t r_max, bool last_only, at::ScalarType 
   return (last_only ? slots.eq(b - 1) : slots.lt(b)).to(dtype);
 }
 
+// out = bias + alpha · a · b, one GEMM (bias broadcast over rows; no bias: out is only written).
+Tensor low_rank(const Tensor& a, const Tensor& b, double alpha, const std::optional<Tensor>& bias) {
+  if (bias.has_value()) return at::addmm(*bias, a, b, 1.0, alpha);
+  Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, 0.0, alpha);  // beta = 0: `out` is not read
+}
+
 std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight,
                                    const std::optional<Tensor>& bias, const Tensor& lora_A,
                                    const Tensor& lora_B, const Tensor& rank, double alpha) {
+  const auto dtype = x.scalar_type();
   const int64_t r_max = lora_A.size(0);
-  Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  // The skinny low-rank GEMM writes y first; the big GEMM then accumulates onto it (beta = 1),
+  // reading y inside its blocked loop instead of in a second pass over y.
+  Tensor y, u;
   if (rank.dim() == 0) {
     const int64_t b = rank.item<int64_t>();
     const Tensor u_b = mm_acc(x, lora_A.narrow(0, 0, b).t());                    // (M, b)
-    y.addmm_(u_b.to(x.scalar_type()), lora_B.narrow(1, 0, b).t(), 1.0, alpha / b);
-    return {y, at::constant_pad_nd(u_b, {0, r_max - b})};
+    y = low_rank(u_b.to(dtype), lora_B.narrow(1, 0, b).t(), alpha / b, bias);
+    u = at::constant_pad_nd(u_b, {0, r_max - b});
+  } else {
+    const Tensor b = rank.reshape({-1, 1}).to(at::kLong);
+    // u is stored unscaled and exactly zero beyond each row's rank.
+    u = mm_acc(x, lora_A.t()).mul_(slot_mask(b, r_max, false, acc_dtype(x)));   // (M, r_max)
+    y = low_rank(u.div(b).mul_(alpha).to(dtype), lora_B.t(), 1.0, bias);
   }
-  const Tensor b = rank.reshape({-1, 1}).to(at::kLong);
-  // u is stored unscaled and exactly zero beyond each row's rank.
-  const Tensor u = mm_acc(x, lora_A.t()).mul_(slot_mask(b, r_max, false, acc_dtype(x)));
-  y.addmm_(u.div(b).mul_(alpha).to(x.scalar_type()), lora_B.t());
+  y.addmm_(x, weight.t());
   return {y, u};
 }
 
@@ -64,13 +76,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& x,
   const int64_t r_max = lora_A.size(0);
   Tensor dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
   Tensor dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
-  Tensor dx = compute_dx ? at::mm(grad, weight) : at::empty({0}, x.options());
+  Tensor dx = at::empty({0}, x.options());
   if (rank.dim() == 0) {
     const int64_t b = rank.item<int64_t>();
     const double s = alpha / b;
     const Tensor A_b = lora_A.narrow(0, 0, b);
     const Tensor v = mm_acc(grad, lora_B.narrow(1, 0, b)).to(dtype);              // (M, b)
-    if (compute_dx) dx.addmm_(v, A_b, 1.0, s);
+    if (compute_dx) dx = low_rank(v, A_b, s, std::nullopt).addmm_(grad, weight);
     if (frozen_prefix) {  // two matrix-vector products: row b-1 of dA, column b-1 of dB
       dA.select(0, b - 1).addmv_(x.t(), v.select(1, b - 1), 0.0, s);
       dB.select(1, b - 1).addmv_(grad.t(), u.select(1, b - 1).to(dtype), 0.0, s);
@@ -84,7 +96,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& x,
   const Tensor b = rank.reshape({-1, 1}).to(at::kLong);
   const Tensor scale = b.to(acc).reciprocal_().mul_(alpha);                       // (M, 1)
   const Tensor v = mm_acc(grad, lora_B).mul_(scale);                              // (M, r_max), scaled
-  if (compute_dx) dx.addmm_(v.mul(slot_mask(b, r_max, false, acc)).to(dtype), lora_A);
+  if (compute_dx) {
+    const Tensor v_used = v.mul(slot_mask(b, r_max, false, acc)).to(dtype);
+    dx = low_rank(v_used, lora_A, 1.0, std::nullopt).addmm_(grad, weight);
+  }
   const Tensor trained = slot_mask(b, r_max, frozen_prefix, acc);
   at::mm_out(dA, v.mul_(trained).to(dtype).t(), x);
   at::mm_out(dB, grad.t(), u.mul(scale).mul_(trained).to(dtype));

@@ -1,0 +1,54 @@
+"""CPU microbenchmarks (pytest-benchmark): the C++ path against naive slicing and F.linear alone.
+
+Run all of them and print the ratio table with ``python bench/bench_cpu.py``; this file alone runs with
+``python -m pytest bench/test_bench_cpu.py``. fp32, r_max = 64, b in {8, 64}, forward and
+forward+backward in full and frozen-prefix mode (x requires grad; the base layer is frozen).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dylora_kernels
+from dylora_kernels import reference
+
+SHAPES = [(512, 1024, 1024), (2048, 1024, 4096), (8, 4096, 4096)]  # (M, K, N)
+R_MAX, RANKS, ALPHA = 64, (8, 64), 16.0
+MODES = ("forward", "full", "frozen")
+IMPLS = {
+    "F.linear": lambda x, W, bias, A, B, b, frozen: F.linear(x, W, bias),
+    "naive": lambda x, W, bias, A, B, b, frozen: reference.dylora_linear(x, W, bias, A, B, b, ALPHA, frozen),
+    "dylora": lambda x, W, bias, A, B, b, frozen: dylora_kernels.dylora_linear(
+        x, W, bias, A, B, b, ALPHA, frozen_prefix=frozen, backend="cpp"),
+}
+
+
+def make_step(impl, shape, b, mode):
+    M, K, N = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g)
+    W, bias = torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g)
+    A, B = torch.randn(R_MAX, K, generator=g) / K**0.5, torch.randn(N, R_MAX, generator=g)
+    fn = IMPLS[impl]
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                return fn(x, W, bias, A, B, b, False)
+        return step
+    wrt = [x.requires_grad_(True)] if impl == "F.linear" else [x.requires_grad_(True), A.requires_grad_(True),
+                                                               B.requires_grad_(True)]
+    grad_out = torch.randn(M, N, generator=g)
+
+    def step():
+        return torch.autograd.grad(fn(x, W, bias, A, B, b, mode == "frozen"), wrt, grad_out)
+    return step
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b", RANKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_cpu(benchmark, shape, b, mode, impl):
+    benchmark.group = f"{'x'.join(map(str, shape))} b={b} {mode}"
+    benchmark.extra_info.update(shape=list(shape), b=b, mode=mode, impl=impl)
+    step = make_step(impl, shape, b, mode)
+    benchmark.pedantic(step, rounds=7, warmup_rounds=2, iterations=1)
