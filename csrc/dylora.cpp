@@ -13,6 +13,7 @@
 // where trained = [j < b_m] in full mode and [j == b_m - 1] in frozen-prefix mode.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace {
@@ -36,6 +37,12 @@ Tensor slot_mask(const Tensor& b, int64_t r_max, bool last_only, at::ScalarType 
   const auto slots = at::arange(r_max, b.options());
   return (last_only ? slots.eq(b - 1) : slots.lt(b)).to(dtype);
 }
+
+// MKL's sgemm is several times slower for a product with fewer than 16 output columns than with
+// 16 (measured, 2048×1024×4096: g·B[:, :8] 12.4 ms, g·B[:, :16] 3.9 ms; gᵀ·u[:, :8] 40 ms,
+// gᵀ·u[:, :16] 7 ms). The skinny backward products therefore run at least this wide and the extra
+// columns are ignored (v) or exactly zero (dB: u is zero beyond b).
+constexpr int64_t kMinGemmWidth = 16;
 
 // out = bias + alpha · a · b, one GEMM (bias broadcast over rows; no bias: out is only written).
 Tensor low_rank(const Tensor& a, const Tensor& b, double alpha, const std::optional<Tensor>& bias) {
@@ -80,15 +87,16 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& x,
   if (rank.dim() == 0) {
     const int64_t b = rank.item<int64_t>();
     const double s = alpha / b;
+    const int64_t width = std::min(r_max, std::max(b, kMinGemmWidth));
     const Tensor A_b = lora_A.narrow(0, 0, b);
-    const Tensor v = mm_acc(grad, lora_B.narrow(1, 0, b)).to(dtype);              // (M, b)
+    const Tensor v = mm_acc(grad, lora_B.narrow(1, 0, width)).to(dtype).narrow(1, 0, b);  // (M, b)
     if (compute_dx) dx = low_rank(v, A_b, s, std::nullopt).addmm_(grad, weight);
     if (frozen_prefix) {  // two matrix-vector products: row b-1 of dA, column b-1 of dB
       dA.select(0, b - 1).addmv_(x.t(), v.select(1, b - 1), 0.0, s);
       dB.select(1, b - 1).addmv_(grad.t(), u.select(1, b - 1).to(dtype), 0.0, s);
     } else {
       dA.narrow(0, 0, b).addmm_(v.t(), x, 0.0, s);
-      dB.narrow(1, 0, b).addmm_(grad.t(), u.narrow(1, 0, b).to(dtype), 0.0, s);
+      dB.narrow(1, 0, width).addmm_(grad.t(), u.narrow(1, 0, width).to(dtype), 0.0, s);
     }
     return {dx, dA, dB};
   }
