@@ -14,7 +14,8 @@ with different operands, strides and output views:
 
 with s_m = alpha / b_m and trained(m, j) = [j < b_m] (full mode) or [j == b_m - 1] (frozen prefix).
 u and v are kept unscaled, fp32 and exactly zero beyond each row's rank; the scale and the masks are
-applied by whichever kernel consumes them (``_slot_scale``).
+applied by whichever kernel consumes them (``_scale_slots``), which never lets a slot
+beyond b_m through.
 
 The rank is data. Every kernel loads b_m from ``rank_ptr`` (one shared value when PER_ROW is False,
 one per row otherwise) and derives s_m, the slot masks and its loop bounds from it on the device: the
@@ -47,14 +48,14 @@ _INTERPRET = triton.knobs.runtime.interpret  # TRITON_INTERPRET=1: kernels run o
 def _configs(kernel: str) -> list[triton.Config]:
     """Autotune candidates of one kernel. The first is the small-problem config (the only one under
     the interpreter, where timing configs would only cost time); BLOCK_M = 16 ones serve decode-sized M.
-    tl.dot needs every block dimension ≥ 16."""
+    tl.dot needs every block dimension ≥ 16. The lists are short on purpose: each candidate is one more
+    compilation per dtype and layout."""
     def cfg(stages, warps, **blocks):
         return triton.Config(blocks, num_stages=stages, num_warps=warps)
 
     if kernel == "fused":
         configs = [cfg(2, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
                    cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-                   cfg(3, 8, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
                    cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
                    cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
                    cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
@@ -63,12 +64,10 @@ def _configs(kernel: str) -> list[triton.Config]:
         configs = [cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
                    cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
                    cfg(3, 8, BLOCK_M=128, BLOCK_K=64),
-                   cfg(4, 4, BLOCK_M=16, BLOCK_K=128),
-                   cfg(3, 4, BLOCK_M=16, BLOCK_K=256)]
+                   cfg(4, 4, BLOCK_M=16, BLOCK_K=128)]
     elif kernel == "grad":  # BLOCK_M is the contraction block here
         configs = [cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
                    cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
-                   cfg(4, 4, BLOCK_M=128, BLOCK_K=64),
                    cfg(3, 8, BLOCK_M=128, BLOCK_K=128)]
     else:
         raise ValueError(kernel)
@@ -121,16 +120,16 @@ def _row_ranks(rank_ptr, offs_m, M, PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def _slot_scale(offs_r, b, alpha, ONE_HOT: tl.constexpr):
-    """(rows, slots) fp32: alpha / b_m on the slots row m uses, 0 elsewhere. The slots used are
-    j < b_m, or only j == b_m - 1 with ONE_HOT (what frozen-prefix mode trains)."""
+def _scale_slots(p, offs_r, b, alpha, ONE_HOT: tl.constexpr):
+    """p (rows, slots) times alpha / b_m on the slots row m uses, exactly 0 elsewhere (whatever p holds
+    there). The slots used are j < b_m, or only j == b_m - 1 with ONE_HOT (what frozen-prefix trains)."""
     slots = offs_r[None, :]
     b = b[:, None]
     if ONE_HOT:
         used = slots == b - 1
     else:
         used = slots < b
-    return tl.where(used, alpha / tl.maximum(b, 1).to(tl.float32), 0.0)
+    return tl.where(used, p * (alpha / tl.maximum(b, 1).to(tl.float32)), 0.0)
 
 
 @triton.jit
@@ -188,7 +187,7 @@ def _fused_linear_kernel(
         # sizes
         M, N, K, R, alpha,
         # strides
-        stride_xm, stride_xk, stride_yn, stride_yk, stride_um, stride_ur, stride_zn, stride_zr,
+        stride_xm, stride_xk, stride_yn, stride_yk, stride_bias, stride_um, stride_ur, stride_zn, stride_zr,
         stride_om, stride_on,
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET,
@@ -224,10 +223,10 @@ def _fused_linear_kernel(
                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
         z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :].to(tl.int64) * stride_zn,
                     mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-        u = u * _slot_scale(offs_r, b, alpha, False)
+        u = _scale_slots(u, offs_r, b, alpha, False)
         acc = tl.dot(u.to(z.dtype), z, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -274,7 +273,7 @@ def _lora_grad_kernel(
                     mask=rows & (offs_r[None, :] < R), other=0.0)
         q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qk,
                     mask=rows & (offs_k[None, :] < K), other=0.0)
-        p = p * _slot_scale(offs_r, _row_ranks(rank_ptr, offs_m, M, PER_ROW), alpha, ONE_HOT)
+        p = _scale_slots(p, offs_r, _row_ranks(rank_ptr, offs_m, M, PER_ROW), alpha, ONE_HOT)
         acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc)
 
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_k[None, :].to(tl.int64) * stride_ok
@@ -302,7 +301,8 @@ def fused_linear(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, u:
     N, R = z.shape
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fused_linear_kernel[grid](x, y, bias, u, z, rank, out, M, N, K, R, float(alpha),
-                               *x.stride(), *y.stride(), *u.stride(), *z.stride(), *out.stride(),
+                               *x.stride(), *y.stride(), 0 if bias is None else bias.stride(0),
+                               *u.stride(), *z.stride(), *out.stride(),
                                _bucket(M), _bucket(N), _bucket(K),
                                HAS_BIAS=bias is not None, PER_ROW=rank.dim() == 1, BLOCK_R=block_r(R))
     return out
