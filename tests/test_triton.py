@@ -206,6 +206,8 @@ def test_cuda_graph_replays_after_rank_changes_in_place(per_row, frozen_prefix):
 def test_torch_compile_fullgraph_no_recompile_on_rank_change(per_row):
     """torch.compile(fullgraph=True) forward + backward through the CUDA path; new rank values
     (same shape) reuse the one compiled graph."""
+    import torch._dynamo.testing
+
     M, K, N, r_max = 64, 48, 40, 16
     inputs = random_inputs(M, K, N, r_max, torch.float32)
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")

@@ -1,0 +1,49 @@
+"""What every benchmark compares, defined once (bench_gpu.py imports it; so can the CPU benchmark).
+
+Each entry is ``fn(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix) -> y``:
+
+    F.linear   the frozen GEMM alone: the floor
+    naive      naive slicing, ``dylora_kernels.reference.dylora_linear`` (DESIGN §4 (b))
+    addmm      the best plain-PyTorch peer (DESIGN §4 (c)):
+               y = F.linear(x, W, bias); y.addmm_(x @ A[:b].T, B[:, :b].T, alpha=alpha / b)
+    dylora     this package, ``dylora_kernels.dylora_linear`` (``backend`` keyword, default "auto":
+               C++ on CPU, Triton on CUDA)
+
+``rank`` is an int for F.linear, naive and addmm (they slice on the host); dylora also takes a 0-d
+integer tensor on x's device, the form training loops use (no host-to-device copy per call).
+"""
+import torch
+import torch.nn.functional as F
+
+import dylora_kernels
+from dylora_kernels import reference
+
+
+def f_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix):
+    return F.linear(x, weight, bias)
+
+
+def naive(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix):
+    return reference.dylora_linear(x, weight, bias, lora_A, lora_B, int(rank), alpha, frozen_prefix)
+
+
+def addmm(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix):
+    """cuBLAS (or MKL) GEMM, then the low-rank term accumulated into y by one addmm_. In frozen-prefix
+    mode the rows/columns below b-1 are detached, so autograd trains only row/column b-1."""
+    b = int(rank)
+    A_b, B_b = lora_A[:b], lora_B[:, :b]
+    if frozen_prefix:
+        A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]])
+        B_b = torch.cat([B_b[:, :-1].detach(), B_b[:, -1:]], dim=1)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(x2, weight, bias)
+    y.addmm_(x2 @ A_b.t(), B_b.t(), alpha=alpha / b)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def dylora(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, backend="auto"):
+    return dylora_kernels.dylora_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix=frozen_prefix,
+                                        backend=backend)
+
+
+IMPLS = {"F.linear": f_linear, "naive": naive, "addmm": addmm, "dylora": dylora}
