@@ -35,11 +35,13 @@ fused kernel, and a split over M for ``_lora_grad_kernel`` (its grid is only r_m
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = triton.knobs.runtime.interpret  # TRITON_INTERPRET=1: kernels run on CPU tensors
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run on CPU tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +51,9 @@ def _configs(kernel: str) -> list[triton.Config]:
     """Autotune candidates of one kernel. The first is the small-problem config (the only one under
     the interpreter, where timing configs would only cost time); BLOCK_M = 16 ones serve decode-sized M.
     tl.dot needs every block dimension ≥ 16. The lists are short on purpose: each candidate is one more
-    compilation per dtype and layout."""
+    compilation per dtype and layout. Every group (small, decode, large) holds a config whose pipeline
+    buffers fit in shared memory for fp32 inputs too: a config that does not fit fails to compile and
+    the autotuner times it as infinite, so a group must never consist of such configs alone."""
     def cfg(stages, warps, **blocks):
         return triton.Config(blocks, num_stages=stages, num_warps=warps)
 
@@ -57,9 +61,9 @@ def _configs(kernel: str) -> list[triton.Config]:
         configs = [cfg(2, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
                    cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
                    cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                   cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                   cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
-                   cfg(3, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1)]
+                   cfg(3, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+                   cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
+                   cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)]
     elif kernel == "shrink":
         configs = [cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
                    cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
@@ -68,7 +72,8 @@ def _configs(kernel: str) -> list[triton.Config]:
     elif kernel == "grad":  # BLOCK_M is the contraction block here
         configs = [cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
                    cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
-                   cfg(3, 8, BLOCK_M=128, BLOCK_K=128)]
+                   cfg(3, 8, BLOCK_M=128, BLOCK_K=128),
+                   cfg(3, 4, BLOCK_M=64, BLOCK_K=64)]
     else:
         raise ValueError(kernel)
     return configs[:1] if _INTERPRET else configs
