@@ -1,0 +1,395 @@
+"""DyLoRA in whole models: inject adapters, sample ranks, evaluate every rank at once, merge, PEFT I/O.
+
+The workflow::
+
+    names = inject(model, ["query", "value"], r_max=8, alpha=16)   # nn.Linear -> DyLoRALinear
+    sampler = RankSampler(model, generator=0)
+    freeze_untrained_slots(optimizer, model)                      # frozen-prefix that really freezes
+    for batch in data:
+        sampler.step()                                            # one rank b per step, all layers
+        loss(model(batch)).backward(); optimizer.step(); optimizer.zero_grad()
+    outputs = evaluate_ranks(model, batch, range(1, 9))           # {b: output}, one forward
+    merge(model, 4)  or  export_peft(model, "adapter/", rank=4)   # deploy the rank you picked
+
+Every function finds the adapters by walking ``model.named_modules()`` for DyLoRALinear layers, so
+they work on any nn.Module: Hugging Face transformers models, nn.Sequential, your own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .nn import DyLoRALinear
+from .ops import intermediate_dtype
+from .reference import rank_masks
+
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model: PEFT's state-dict key prefix
+
+
+# --------------------------------------------------------------------------------------------
+# Finding, injecting and freezing
+# --------------------------------------------------------------------------------------------
+def _matches(name: str, target: str) -> bool:
+    """PEFT's target_modules rule: the exact module name, or a suffix of it at a '.' boundary."""
+    return name == target or name.endswith("." + target)
+
+
+def _layers(model: nn.Module) -> list[tuple[str, DyLoRALinear]]:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, DyLoRALinear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no DyLoRALinear layers: call inject() first "
+                         "(or unmerge() a merged model)")
+    return layers
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    adapters = {id(p) for _, layer in _layers(model) for p in (layer.lora_A, layer.lora_B)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapters)
+
+
+def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, alpha: float,
+           frozen_prefix: bool = True) -> list[str]:
+    """Replace the nn.Linear modules named by ``target_modules`` by DyLoRALinear adapters, in place.
+
+    A target matches a module whose name equals it or ends with ``"." + target`` (PEFT's rule, e.g.
+    ``["query", "value"]`` on BERT, ``["q_proj", "v_proj"]`` on LLaMA, ``["0", "2"]`` on an
+    nn.Sequential). Every parameter of the model except the adapters' lora_A / lora_B is frozen.
+    The base weights are shared, not copied. Returns the names of the replaced modules.
+    """
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    linears = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
+    missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
+    if missing or not targets:
+        shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "") or "none"
+        raise ValueError(f"inject: target_modules {missing or targets} match no nn.Linear module of "
+                         f"{type(model).__name__} (by exact name or '.'-suffix); its nn.Linear modules "
+                         f"include: {shown}")
+    names = [name for name in linears if any(_matches(name, t) for t in targets)]
+    for name in names:
+        _replace(model, name, DyLoRALinear.from_linear(model.get_submodule(name), r_max, alpha,
+                                                       frozen_prefix=frozen_prefix))
+    _freeze_all_but_adapters(model)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks
+# --------------------------------------------------------------------------------------------
+def set_rank(model: nn.Module, rank: int | Tensor) -> None:
+    """Set the rank of every DyLoRA layer (an int, a 0-d or a per-row / per-sample rank tensor)."""
+    for _, layer in _layers(model):
+        layer.set_rank(rank)
+
+
+class RankSampler:
+    """Draws the training rank: ``step()`` picks b uniformly in [r_min, r_max], sets it, returns it.
+
+    One draw per call shared by every layer (the DyLoRA recipe: call it once per optimizer step),
+    or with ``per_layer=True`` one draw per layer (``step()`` then returns the list, in module
+    order). ``r_max`` defaults to the smallest r_max of the model's layers. ``generator`` is a
+    torch.Generator, an int seed, or None (seeded from ``torch.initial_seed()``); draws come from
+    it alone, so processes given the same seed (data-parallel replicas) draw the same ranks. The
+    layers' rank buffers are filled in place, so a compiled model is not recompiled.
+    """
+
+    def __init__(self, model: nn.Module, r_min: int = 1, r_max: int | None = None,
+                 generator: torch.Generator | int | None = None, per_layer: bool = False):
+        self.layers = [layer for _, layer in _layers(model)]
+        capacity = min(layer.r_max for layer in self.layers)
+        r_max = capacity if r_max is None else r_max
+        if not 1 <= r_min <= r_max <= capacity:
+            raise ValueError(f"RankSampler needs 1 <= r_min <= r_max <= {capacity} (the smallest "
+                             f"r_max of the model's layers), got r_min={r_min}, r_max={r_max}")
+        if not isinstance(generator, torch.Generator):
+            seed = torch.initial_seed() if generator is None else generator
+            generator = torch.Generator().manual_seed(seed)
+        self.r_min, self.r_max, self.generator, self.per_layer = r_min, r_max, generator, per_layer
+
+    def step(self) -> int | list[int]:
+        draws = torch.randint(self.r_min, self.r_max + 1, (len(self.layers) if self.per_layer else 1,),
+                              generator=self.generator).tolist()
+        for i, layer in enumerate(self.layers):
+            layer.set_rank(draws[i if self.per_layer else 0])
+        return draws if self.per_layer else draws[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Every rank in one forward
+# --------------------------------------------------------------------------------------------
+def evaluate_ranks(model: nn.Module, inputs, ranks: Iterable[int]) -> dict:
+    """Outputs of ``model`` at each rank in ``ranks``, computed in ONE batched forward (no grad).
+
+    ``inputs`` is what the model takes: a tensor (``model(inputs)``), a tuple of positional
+    arguments or a dict of keyword arguments (``model(**inputs)``, e.g. a Hugging Face batch).
+    Every tensor argument with a batch dimension is repeated ``len(ranks)`` times along dim 0, and
+    every DyLoRA layer gets one rank per sample (per-row ranks). The layers' previous ranks are
+    restored afterwards, also on error. Returns ``{rank: output}``: the model's output split back
+    along dim 0 (a tensor, or a dict / model-output object / tuple of them). Values that are not
+    batch-first cannot be split (e.g. a loss averaged over the batch, a cache) and come back as
+    None. Use eval mode (dropout would differ between the copies).
+    """
+    layers = [layer for _, layer in _layers(model)]
+    ranks = [int(b) for b in ranks]
+    r_cap = min(layer.r_max for layer in layers)
+    if not ranks or len(set(ranks)) != len(ranks) or not all(1 <= b <= r_cap for b in ranks):
+        raise ValueError(f"evaluate_ranks: ranks must be distinct ints in [1, {r_cap}], got {ranks}")
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (
+        (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
+    batched = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim()]
+    if not batched:
+        raise ValueError("evaluate_ranks: inputs hold no tensor with a batch dimension")
+    n, copies = batched[0].shape[0], len(ranks)
+
+    def repeat(t):
+        return t.repeat(copies, *[1] * (t.dim() - 1)) if isinstance(t, Tensor) and t.dim() else t
+
+    per_sample = torch.tensor(ranks).repeat_interleave(n)
+    saved = [layer._rank for layer in layers]  # the buffers themselves, put back as they were
+    try:
+        for layer in layers:
+            layer.set_rank(per_sample.to(layer._rank.device))
+        with torch.no_grad():
+            out = model(*map(repeat, args), **{k: repeat(v) for k, v in kwargs.items()})
+    finally:
+        for layer, rank in zip(layers, saved):
+            layer.set_rank(rank)
+    return dict(zip(ranks, _split(out, copies, n)))
+
+
+def _split(obj, copies: int, n: int) -> list:
+    """``obj`` cut into ``copies`` pieces of n samples each, recursing through dicts and tuples."""
+    if isinstance(obj, Tensor) and obj.dim() and obj.shape[0] == copies * n:
+        return list(obj.split(n))
+    if isinstance(obj, Mapping):  # dict, OrderedDict, transformers' ModelOutput
+        parts = {k: _split(v, copies, n) for k, v in obj.items()}
+        return [type(obj)(**{k: v[i] for k, v in parts.items()}) for i in range(copies)]
+    if isinstance(obj, (tuple, list)):
+        parts = [_split(v, copies, n) for v in obj]
+        return [type(obj)(v[i] for v in parts) for i in range(copies)]
+    return [None] * copies
+
+
+# --------------------------------------------------------------------------------------------
+# Merge for deployment
+# --------------------------------------------------------------------------------------------
+class MergedLinear(nn.Linear):
+    """An nn.Linear whose weight has a DyLoRA adapter folded in at ``merged_rank`` (see merge()).
+
+    It shares the adapter's weight and bias Parameters, so a merged model's state_dict has exactly
+    the base model's keys. The adapter itself is kept outside the module tree (not a submodule, not
+    in the state_dict) for unmerge().
+    """
+
+    def __init__(self, adapter: DyLoRALinear, rank: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = adapter.in_features, adapter.out_features
+        self.weight, self.bias = adapter.weight, adapter.bias
+        self.__dict__["adapter"] = adapter  # a plain attribute: not registered as a submodule
+        self.merged_rank = rank
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, merged_rank={self.merged_rank}"
+
+
+def _delta(adapter: DyLoRALinear, rank: int) -> Tensor:
+    """(alpha / b) · B[:, :b] · A[:b] in the accumulation dtype (fp32, or fp64 for fp64 weights)."""
+    dtype = intermediate_dtype(adapter.weight.dtype)
+    A, B = adapter.lora_A[:rank].to(dtype), adapter.lora_B[:, :rank].to(dtype)
+    return (adapter.alpha / rank) * (B @ A)
+
+
+@torch.no_grad()
+def merge(model: nn.Module, rank: int | None = None) -> list[str]:
+    """Fold every adapter into its base weight, ``W += (alpha/b)·B[:, :b]·A[:b]``, in place.
+
+    ``rank``: the b to merge, or None for each layer's current (int) rank. Each DyLoRALinear is
+    replaced by a MergedLinear (a plain nn.Linear forward: the adapter is not added again), which
+    unmerge() takes back out. Returns the merged module names.
+    """
+    names = []
+    for name, adapter in _layers(model):
+        b = adapter.rank if rank is None else rank
+        if not isinstance(b, int):
+            raise ValueError(f"merge: layer {name} has a per-row rank; pass an int rank")
+        adapter.set_rank(b)  # validates b; an unmerged model then runs at the merged rank
+        W = adapter.weight
+        W.copy_(W.to(intermediate_dtype(W.dtype)) + _delta(adapter, b))
+        _replace(model, name, MergedLinear(adapter, b))
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> list[str]:
+    """Undo merge(): subtract each merged adapter from its base weight (equal to before up to the
+    weight dtype's rounding) and put the DyLoRALinear back. Returns the unmerged module names."""
+    merged = [(name, m) for name, m in model.named_modules() if isinstance(m, MergedLinear)]
+    if not merged:
+        raise ValueError(f"unmerge: {type(model).__name__} has no merged DyLoRA layers")
+    for name, m in merged:
+        adapter = m.adapter.to(device=m.weight.device, dtype=m.weight.dtype)  # if the model moved
+        W = adapter.weight
+        W.copy_(W.to(intermediate_dtype(W.dtype)) - _delta(adapter, m.merged_rank))
+        _replace(model, name, adapter)
+    return [name for name, _ in merged]
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen prefix that really freezes
+# --------------------------------------------------------------------------------------------
+class _Hooks:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _trained_slots(layer: DyLoRALinear) -> Tensor:
+    """(r_max,) bool: the rank slots the current rank(s) train (reference.rank_masks' rule)."""
+    _, trained = rank_masks(layer._rank, layer.r_max, layer.frozen_prefix)
+    return trained.ne(0).any(0)
+
+
+def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -> _Hooks:
+    """Make ``optimizer.step()`` leave every rank slot the current rank does not train untouched.
+
+    In frozen-prefix mode a step at rank b trains row b-1 of lora_A and column b-1 of lora_B only;
+    their gradient is zero elsewhere, yet AdamW's momentum and weight decay still move the other
+    rows/columns. With this, those rows/columns of the parameters AND of the optimizer's
+    per-element state (exp_avg, exp_avg_sq, momentum buffers) stay bit-identical across a step (a
+    slot's state is zero until its first step): a "lazy" optimizer, as SparseAdam. The step count
+    is per tensor, as in SparseAdam. In full mode the trained slots are those < b. Each layer uses
+    its own rank(s), so per-layer and per-row ranks work. Set the rank before ``step()`` and keep
+    it until after (RankSampler does). Works through optimizer step hooks, so LR schedulers,
+    gradient clipping and trainers keep the optimizer object. Returns a handle with ``remove()``.
+    """
+    layers = [layer for _, layer in _layers(model)]
+    saved = []
+
+    def snapshot(opt, args, kwargs):
+        saved.clear()
+        for layer in layers:
+            slots = _trained_slots(layer)
+            for p, keep in ((layer.lora_A, slots[:, None]), (layer.lora_B, slots[None, :])):
+                state = [v for v in opt.state.get(p, {}).values()
+                         if isinstance(v, Tensor) and v.shape == p.shape]
+                saved.append((p, keep, [(t, t.clone()) for t in (p.detach(), *state)]))
+
+    @torch.no_grad()
+    def restore(opt, args, kwargs):
+        for p, keep, pairs in saved:
+            for t, old in pairs:
+                t.copy_(torch.where(keep, t, old))
+            known = {id(t) for t, _ in pairs}
+            for t in opt.state.get(p, {}).values():  # state created by this step: zero when untrained
+                if isinstance(t, Tensor) and t.shape == p.shape and id(t) not in known:
+                    t.masked_fill_(~keep, 0)
+        saved.clear()
+
+    return _Hooks(optimizer.register_step_pre_hook(snapshot),
+                  optimizer.register_step_post_hook(restore))
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT LoRA format
+# --------------------------------------------------------------------------------------------
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise ImportError("PEFT import/export needs safetensors: pip install 'dylora_kernels[hf]'") from e
+    return safetensors.torch
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The module leaf names (e.g. ["query", "value"]) if they select exactly ``names``, else ``names``."""
+    leaves = sorted({name.rpartition(".")[2] for name in names})
+    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, DyLoRALinear))]
+    selected = [n for n in candidates if any(_matches(n, leaf) for leaf in leaves)]
+    return leaves if sorted(selected) == sorted(names) else sorted(names)
+
+
+def export_peft(model: nn.Module, path: str | Path, rank: int) -> Path:
+    """Write the adapters at rank b = ``rank`` as a PEFT LoRA adapter directory.
+
+    ``adapter_model.safetensors`` holds ``base_model.model.<name>.lora_A.weight`` = A[:b] and
+    ``...lora_B.weight`` = B[:, :b]; ``adapter_config.json`` has r = b and lora_alpha = alpha, so
+    PEFT's scale alpha / r equals DyLoRA's alpha / b. ``peft.PeftModel.from_pretrained(base, path)``
+    then computes what this model computes at rank b. Layers with other alphas get an alpha_pattern.
+    Only the adapters are written: other trainable parameters (a new head) are not.
+    """
+    layers = _layers(model)
+    if not all(1 <= rank <= layer.r_max for _, layer in layers):
+        raise ValueError(f"export_peft: rank must be in [1, {min(l.r_max for _, l in layers)}], got {rank}")
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:rank].detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[:, :rank].detach().cpu().contiguous()
+    alpha = layers[0][1].alpha
+    config = getattr(model, "config", None)
+    base_name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+    adapter_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
+        "r": rank, "lora_alpha": alpha, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "target_modules": _target_modules(model, [name for name, _ in layers]),
+        "rank_pattern": {}, "alpha_pattern": {name: l.alpha for name, l in layers if l.alpha != alpha},
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _safetensors().save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return path
+
+
+def _peft_alpha(config: dict, name: str) -> float:
+    """The lora_alpha PEFT uses for module ``name`` (alpha_pattern keys match as in PEFT)."""
+    for key, alpha in config.get("alpha_pattern", {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return alpha
+    return config["lora_alpha"]
+
+
+def load_peft(model: nn.Module, path: str | Path, frozen_prefix: bool = True) -> list[str]:
+    """Turn ``model`` (the base model) into a DyLoRA model holding a PEFT LoRA adapter from ``path``.
+
+    Each adapted nn.Linear becomes a DyLoRALinear with r_max = the adapter's r and alpha chosen so
+    that at rank r it computes what PEFT computes (alpha = PEFT's scale · r, rsLoRA included).
+    Lower ranks then truncate the adapter; training on with RankSampler makes them good. Every other
+    parameter is frozen. Returns the adapted module names.
+    """
+    path = Path(path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "lora_bias") if config.get(k)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise ValueError(f"load_peft: {path} is not a plain PEFT LoRA adapter (peft_type="
+                         f"{config.get('peft_type')!r}, unsupported options: {unsupported})")
+    state = _safetensors().load_file(str(path / "adapter_model.safetensors"))
+    suffix = ".lora_A.weight"
+    names = sorted(k[len(PEFT_PREFIX):-len(suffix)] for k in state if k.endswith(suffix))
+    for name in names:
+        A, B = state[f"{PEFT_PREFIX}{name}.lora_A.weight"], state[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+        r = A.shape[0]
+        scale = _peft_alpha(config, name) / (math.sqrt(r) if config.get("use_rslora") else r)
+        layer = DyLoRALinear.from_linear(model.get_submodule(name), r_max=r, alpha=scale * r,
+                                         frozen_prefix=frozen_prefix)
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        _replace(model, name, layer)
+    _freeze_all_but_adapters(model)
+    return names
