@@ -162,6 +162,33 @@ def test_kernels_compile_for_h100_and_pipeline():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-rank", "per-row"])
+def test_torch_compile_fullgraph_no_recompile_on_rank_change(per_row):
+    """torch.compile(fullgraph=True) forward + backward through the Triton kernels (CUDA, or the
+    interpreter on CPU); new rank values of the same shape reuse the one compiled graph."""
+    import torch._dynamo.testing
+
+    M, K, N, r_max = 64, 48, 40, 16
+    inputs = random_inputs(M, K, N, r_max, torch.float32)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(x, weight, bias, lora_A, lora_B, rank):
+        return dylora_kernels.dylora_linear(x, weight, bias, lora_A, lora_B, rank, ALPHA, frozen_prefix=True,
+                                            backend="triton")
+
+    g = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for seed, b in enumerate((r_max, 1, 5)):
+        rank = (per_row_ranks(M, b, seed=seed) if per_row else torch.tensor(b)).to(DEVICE)
+        leaves = {k: v.clone().requires_grad_(k in ("x", "lora_A", "lora_B")) for k, v in inputs.items()}
+        y = step(*leaves.values(), rank)
+        y.backward(g)
+        ours = (y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad)
+        assert_matches_reference(ours, inputs, rank, True, g, tolerance("triton", torch.float32))
+    assert counter.frame_count == 1
+
+
 # --------------------------------------------------------------------------------------------
 # GPU checks
 # --------------------------------------------------------------------------------------------
@@ -215,33 +242,6 @@ def test_cuda_graph_replays_after_rank_changes_in_place(per_row, frozen_prefix):
         graph.replay()
         torch.cuda.synchronize()
         assert_matches_reference(outs, inputs, rank, frozen_prefix, g, tolerance("triton", torch.float32))
-
-
-@gpu
-@pytest.mark.parametrize("per_row", [False, True], ids=["one-rank", "per-row"])
-def test_torch_compile_fullgraph_no_recompile_on_rank_change(per_row):
-    """torch.compile(fullgraph=True) forward + backward through the CUDA path; new rank values
-    (same shape) reuse the one compiled graph."""
-    import torch._dynamo.testing
-
-    M, K, N, r_max = 64, 48, 40, 16
-    inputs = random_inputs(M, K, N, r_max, torch.float32)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    torch._dynamo.reset()
-
-    @torch.compile(fullgraph=True, backend=counter)
-    def step(x, weight, bias, lora_A, lora_B, rank):
-        return dylora_kernels.dylora_linear(x, weight, bias, lora_A, lora_B, rank, ALPHA, frozen_prefix=True)
-
-    g = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).cuda()
-    for seed, b in enumerate((r_max, 1, 5)):
-        rank = (per_row_ranks(M, b, seed=seed) if per_row else torch.tensor(b)).cuda()
-        leaves = {k: v.clone().requires_grad_(k in ("x", "lora_A", "lora_B")) for k, v in inputs.items()}
-        y = step(*leaves.values(), rank)
-        y.backward(g)
-        ours = (y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad)
-        assert_matches_reference(ours, inputs, rank, True, g, tolerance("triton", torch.float32))
-    assert counter.frame_count == 1
 
 
 @gpu
