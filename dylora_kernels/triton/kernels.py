@@ -35,6 +35,7 @@ fused kernel, and a split over M for ``_lora_grad_kernel`` (its grid is only r_m
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -330,12 +331,19 @@ def lora_grad(p: torch.Tensor, q: torch.Tensor, rank: torch.Tensor, alpha: float
 # --------------------------------------------------------------------------------------------
 # The kernel contract (dylora_kernels/ops.py)
 # --------------------------------------------------------------------------------------------
+def _device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's (a no-op context on CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def forward(x, weight, bias, lora_A, lora_B, rank, alpha):
     """(y, u): y = x·Wᵀ + bias + (alpha/b)·u·B[:, :b]ᵀ in x's dtype, u = x·A[:b]ᵀ fp32 (M, r_max)."""
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     rank = rank.contiguous()  # per-row ranks are read at rank_ptr + m
-    u = shrink(x, lora_A, rank, torch.empty(M, R, device=x.device, dtype=torch.float32))
-    y = fused_linear(x, weight, bias, u, lora_B, rank, alpha, torch.empty(M, N, device=x.device, dtype=x.dtype))
+    with _device_of(x):
+        u = shrink(x, lora_A, rank, torch.empty(M, R, device=x.device, dtype=torch.float32))
+        y = fused_linear(x, weight, bias, u, lora_B, rank, alpha,
+                         torch.empty(M, N, device=x.device, dtype=x.dtype))
     return y, u
 
 
@@ -344,12 +352,14 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
     dB on the trained slots (< b_m, or b_m - 1 in frozen-prefix mode), exactly zero elsewhere."""
     (M, K), (N, R) = x.shape, lora_B.shape
     rank = rank.contiguous()
-    v = shrink(grad, lora_B.t(), rank, torch.empty(M, R, device=x.device, dtype=torch.float32))
     dx = x.new_empty(0)
-    if compute_dx:
-        dx = fused_linear(grad, weight.t(), None, v, lora_A.t(), rank, alpha,
-                          torch.empty(M, K, device=x.device, dtype=x.dtype))
-    dA = lora_grad(v, x, rank, alpha, frozen_prefix, torch.empty(R, K, device=x.device, dtype=lora_A.dtype))
+    dA = torch.empty(R, K, device=x.device, dtype=lora_A.dtype)
     dB = torch.empty(N, R, device=x.device, dtype=lora_B.dtype)
-    lora_grad(u, grad, rank, alpha, frozen_prefix, dB.t())  # dBᵀ = Σ_m ... u[m, j]·g[m, n]
+    with _device_of(x):
+        v = shrink(grad, lora_B.t(), rank, torch.empty(M, R, device=x.device, dtype=torch.float32))
+        if compute_dx:
+            dx = fused_linear(grad, weight.t(), None, v, lora_A.t(), rank, alpha,
+                              torch.empty(M, K, device=x.device, dtype=x.dtype))
+        lora_grad(v, x, rank, alpha, frozen_prefix, dA)
+        lora_grad(u, grad, rank, alpha, frozen_prefix, dB.t())  # dBᵀ[j, n] = Σ_m s_m·trained·u[m, j]·g[m, n]
     return dx, dA, dB
