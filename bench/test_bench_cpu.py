@@ -4,22 +4,19 @@ Run all of them and print the ratio table with ``python bench/bench_cpu.py``; th
 ``python -m pytest bench/test_bench_cpu.py``. fp32, r_max = 64, b in {8, 64}, forward and
 forward+backward in full and frozen-prefix mode (x requires grad; the base layer is frozen).
 """
+import os
+import sys
+
 import pytest
 import torch
-import torch.nn.functional as F
 
-import dylora_kernels
-from dylora_kernels import reference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import IMPLS as ALL_IMPLS  # noqa: E402  (the baselines are defined once, for CPU and GPU)
 
 SHAPES = [(512, 1024, 1024), (2048, 1024, 4096), (8, 4096, 4096)]  # (M, K, N)
 R_MAX, RANKS, ALPHA = 64, (8, 64), 16.0
 MODES = ("forward", "full", "frozen")
-IMPLS = {
-    "F.linear": lambda x, W, bias, A, B, b, frozen: F.linear(x, W, bias),
-    "naive": lambda x, W, bias, A, B, b, frozen: reference.dylora_linear(x, W, bias, A, B, b, ALPHA, frozen),
-    "dylora": lambda x, W, bias, A, B, b, frozen: dylora_kernels.dylora_linear(
-        x, W, bias, A, B, b, ALPHA, frozen_prefix=frozen, backend="cpp"),
-}
+IMPLS = {name: ALL_IMPLS[name] for name in ("F.linear", "naive", "dylora")}  # addmm is the GPU peer
 
 
 def make_step(impl, shape, b, mode):
@@ -28,7 +25,7 @@ def make_step(impl, shape, b, mode):
     x = torch.randn(M, K, generator=g)
     W, bias = torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g)
     A, B = torch.randn(R_MAX, K, generator=g) / K**0.5, torch.randn(N, R_MAX, generator=g)
-    fn = IMPLS[impl]
+    fn = lambda x, W, bias, A, B, b, frozen: IMPLS[impl](x, W, bias, A, B, b, ALPHA, frozen)
     if mode == "forward":
         def step():
             with torch.no_grad():

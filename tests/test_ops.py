@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import dylora_kernels
-from dylora_kernels import reference
-from conftest import BACKENDS, backend_dtype_params, device_of, rel_err, tolerance
+from conftest import (BACKENDS, backend_dtype_params, device_of, make_inputs, pick_rank, reference_run, rel_err,
+                      run, tolerance, trained_slots)
 
 # (x shape, N, r_max, bias, x layout): odd sizes, a 3-D input, M = 1, r_max = 1 and r_max not a power of 2.
 CASES = [
@@ -15,59 +15,6 @@ CASES = [
 ]
 CASE_IDS = ["37x45x29-r7", "2x9x33x20-r12-3d", "1x16x24-r1", "70x40x52-r33-strided"]
 RANKS = ["1", "mid", "r_max", "per_row"]
-
-
-def make_inputs(x_shape, N, r_max, bias, layout, dtype, device, seed=0):
-    """Random x, W, bias, A and B (B is never LoRA's zeros: that would hide the low-rank path)."""
-    g = torch.Generator().manual_seed(seed)
-    K = x_shape[-1]
-    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
-    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
-        x = rnd(*x_shape[:-1], 2 * K)[..., ::2]
-    else:
-        x = rnd(*x_shape)
-    tensors = dict(x=x, weight=rnd(N, K) / K**0.5, bias=rnd(N) if bias else None,
-                   lora_A=rnd(r_max, K) / K**0.5, lora_B=rnd(N, r_max))
-    return {k: None if v is None else v.to(device, dtype) for k, v in tensors.items()}
-
-
-def pick_rank(kind, r_max, rows, device, seed=0):
-    if kind == "1":
-        return 1
-    if kind == "r_max":
-        return r_max
-    if kind == "mid":
-        return torch.tensor((r_max + 1) // 2, device=device)  # a 0-d tensor
-    ranks = torch.randint(1, r_max + 1, (rows,), generator=torch.Generator().manual_seed(seed))
-    ranks[0], ranks[-1] = 1, r_max  # both ends present
-    return ranks.to(device)
-
-
-def run(inputs, rank, alpha, frozen_prefix, backend, grad_out):
-    """y and the gradients of x, lora_A and lora_B, for one backend."""
-    leaves = {k: v.detach().clone().requires_grad_(k in ("x", "lora_A", "lora_B"))
-              for k, v in inputs.items() if v is not None}
-    if inputs["x"].stride(-1) != 1:  # keep the caller's non-contiguous layout
-        leaves["x"] = inputs["x"].detach().requires_grad_(True)
-    y = dylora_kernels.dylora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_A"],
-                                     leaves["lora_B"], rank, alpha, frozen_prefix=frozen_prefix, backend=backend)
-    y.backward(grad_out.to(y.dtype))
-    return y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad
-
-
-def reference_run(inputs, rank, alpha, frozen_prefix, grad_out):
-    cpu64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
-    rank = rank.cpu() if isinstance(rank, torch.Tensor) else rank
-    return run(cpu64, rank, alpha, frozen_prefix, "reference", grad_out.double())
-
-
-def trained_slots(rank, r_max, rows, frozen_prefix):
-    """Boolean (r_max,): the slots of dA rows / dB columns that may be non-zero."""
-    b = torch.as_tensor(rank).cpu().reshape(-1).expand(rows)
-    slots = torch.arange(r_max)
-    if frozen_prefix:
-        return (slots[None, :] == b[:, None] - 1).any(0)
-    return (slots[None, :] < b[:, None]).any(0)
 
 
 @pytest.mark.usefixtures("poisoned_allocations")

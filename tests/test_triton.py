@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import dylora_kernels
-from conftest import CUDA, HAS_TRITON, rel_err, tolerance
-from test_ops import reference_run, run, trained_slots
+from conftest import CUDA, HAS_TRITON, reference_run, rel_err, run, tolerance, trained_slots
 
 pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="needs triton and CUDA or TRITON_INTERPRET=1"),
               # triton 3.6's interpreter turns 1-element arrays into loop bounds with int(): numpy warns
