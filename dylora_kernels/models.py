@@ -195,7 +195,8 @@ class MergedLinear(nn.Linear):
     def __init__(self, adapter: DyLoRALinear, rank: int):
         nn.Module.__init__(self)
         self.in_features, self.out_features = adapter.in_features, adapter.out_features
-        self.weight, self.bias = adapter.weight, adapter.bias
+        self.weight = adapter.weight
+        self.register_parameter("bias", adapter.bias)  # None stays a registered None, as in nn.Linear
         self.__dict__["adapter"] = adapter  # a plain attribute: not registered as a submodule
         self.merged_rank = rank
 
@@ -218,17 +219,16 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
     replaced by a MergedLinear (a plain nn.Linear forward: the adapter is not added again), which
     unmerge() takes back out. Returns the merged module names.
     """
-    names = []
-    for name, adapter in _layers(model):
-        b = adapter.rank if rank is None else rank
-        if not isinstance(b, int):
+    layers = _layers(model)
+    for name, adapter in layers:  # check every layer before changing any weight
+        if not isinstance(adapter.rank if rank is None else rank, int):
             raise ValueError(f"merge: layer {name} has a per-row rank; pass an int rank")
-        adapter.set_rank(b)  # validates b; an unmerged model then runs at the merged rank
+        adapter.set_rank(adapter.rank if rank is None else rank)  # validates; unmerge() keeps it
+    for name, adapter in layers:
         W = adapter.weight
-        W.copy_(W.to(intermediate_dtype(W.dtype)) + _delta(adapter, b))
-        _replace(model, name, MergedLinear(adapter, b))
-        names.append(name)
-    return names
+        W.copy_(W.to(intermediate_dtype(W.dtype)) + _delta(adapter, adapter.rank))
+        _replace(model, name, MergedLinear(adapter, adapter.rank))
+    return [name for name, _ in layers]
 
 
 @torch.no_grad()

@@ -249,6 +249,24 @@ def test_merge_uses_each_layers_current_rank():
     assert [model[0].merged_rank, model[2].merged_rank] == [2, 5] and rel_err(model(x), ref) <= 1e-5
 
 
+def test_merge_refuses_per_row_ranks_before_touching_weights_and_round_trips_bfloat16():
+    model = dylora(mlp(), ["0", "2"]).to(torch.bfloat16)
+    weights = [model[i].weight.clone() for i in (0, 2)]
+    model[2].set_rank(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="layer 2 has a per-row rank"):
+        merge(model)
+    assert all(torch.equal(model[i].weight, w) for i, w in zip((0, 2), weights))
+    x = torch.randn(3, 12, dtype=torch.bfloat16)
+    set_rank(model, 4)
+    with torch.no_grad():
+        ref = model(x)
+        merge(model)
+        assert rel_err(model(x), ref) <= 2e-2
+    assert all(rel_err(model[i].weight, w) > 0.1 for i, w in zip((0, 2), weights))
+    unmerge(model)
+    assert all(rel_err(model[i].weight, w) <= 1e-2 for i, w in zip((0, 2), weights))
+
+
 # ---------------------------------------------------------------------------------------------
 # frozen prefix that really freezes
 # ---------------------------------------------------------------------------------------------
