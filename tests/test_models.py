@@ -327,11 +327,11 @@ def test_freeze_untrained_slots_trains_like_adamw_on_the_trained_slot():
 # torch.compile
 # ---------------------------------------------------------------------------------------------
 def test_compile_does_not_recompile_when_the_rank_changes():
-    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
     torch._dynamo.reset()
     model = dylora(mlp(), ["0", "2", "4"], r_max=6)
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")  # AOTAutograd traces forward and backward
     step = torch.compile(lambda x: model(x).square().sum(), backend=counter, fullgraph=True)
     sampler, x = RankSampler(model, generator=0), torch.randn(5, 12)
     for _ in range(6):
