@@ -9,8 +9,8 @@ COMMANDS = ("demo",)
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
-        argv.insert(0, "demo")  # the default command (the dylora-demo script passes options only)
+    if not argv or argv[0] not in COMMANDS:
+        argv.insert(0, "demo")  # the default command: the dylora-demo script passes options only
     parser = argparse.ArgumentParser(prog="python -m dylora_kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     from . import demo
