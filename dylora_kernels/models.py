@@ -177,7 +177,8 @@ def _split(obj, copies: int, n: int) -> list:
         return [type(obj)(**{k: v[i] for k, v in parts.items()}) for i in range(copies)]
     if isinstance(obj, (tuple, list)):
         parts = [_split(v, copies, n) for v in obj]
-        return [type(obj)(v[i] for v in parts) for i in range(copies)]
+        rebuild = (lambda values: type(obj)(*values)) if hasattr(obj, "_fields") else type(obj)  # namedtuple
+        return [rebuild([v[i] for v in parts]) for i in range(copies)]
     return [None] * copies
 
 
@@ -323,31 +324,39 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if sorted(selected) == sorted(names) else sorted(names)
 
 
-def export_peft(model: nn.Module, path: str | Path, rank: int) -> Path:
+def export_peft(model: nn.Module, path: str | Path, rank: int | None) -> Path:
     """Write the adapters at rank b = ``rank`` as a PEFT LoRA adapter directory.
 
     ``adapter_model.safetensors`` holds ``base_model.model.<name>.lora_A.weight`` = A[:b] and
     ``...lora_B.weight`` = B[:, :b]; ``adapter_config.json`` has r = b and lora_alpha = alpha, so
     PEFT's scale alpha / r equals DyLoRA's alpha / b. ``peft.PeftModel.from_pretrained(base, path)``
-    then computes what this model computes at rank b. Layers with other alphas get an alpha_pattern.
-    Only the adapters are written: other trainable parameters (a new head) are not.
+    then computes what this model computes at rank b. ``rank=None`` exports each layer at its
+    current (int) rank, e.g. ranks picked per layer; layers whose rank or alpha differ from the
+    first layer's get PEFT's rank_pattern / alpha_pattern. Only the adapters are written: other
+    trainable parameters (a new head) are not.
     """
     layers = _layers(model)
-    if not all(1 <= rank <= layer.r_max for _, layer in layers):
-        raise ValueError(f"export_peft: rank must be in [1, {min(l.r_max for _, l in layers)}], got {rank}")
+    ranks = {name: layer.rank if rank is None else rank for name, layer in layers}
+    for name, layer in layers:
+        if not isinstance(ranks[name], int) or not 1 <= ranks[name] <= layer.r_max:
+            raise ValueError(f"export_peft: layer {name} needs an int rank in [1, {layer.r_max}], "
+                             f"got {ranks[name]!r}")
     tensors = {}
     for name, layer in layers:
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:rank].detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[:, :rank].detach().cpu().contiguous()
-    alpha = layers[0][1].alpha
+        b = ranks[name]
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:b].detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[:, :b].detach().cpu().contiguous()
+    first, first_layer = layers[0]
     config = getattr(model, "config", None)
     base_name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
     adapter_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
-        "r": rank, "lora_alpha": alpha, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "r": ranks[first], "lora_alpha": first_layer.alpha, "use_rslora": False, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "target_modules": _target_modules(model, [name for name, _ in layers]),
-        "rank_pattern": {}, "alpha_pattern": {name: l.alpha for name, l in layers if l.alpha != alpha},
+        # PEFT matches pattern keys as regexes against module names: escape the dots
+        "rank_pattern": {re.escape(n): b for n, b in ranks.items() if b != ranks[first]},
+        "alpha_pattern": {re.escape(n): l.alpha for n, l in layers if l.alpha != first_layer.alpha},
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Model-level DyLoRA: inject, ranks, evaluate_ranks, merge, frozen slots, PEFT I/O, on real
 transformers models built from tiny configs (nothing is downloaded)."""
+import collections
 import copy
 import json
 import subprocess
@@ -176,6 +177,8 @@ def test_evaluate_ranks_equals_the_loop_hf(kind):
 
 
 def test_evaluate_ranks_splits_containers_and_restores_on_error():
+    Pair = collections.namedtuple("Pair", "total mean")
+
     class Multi(nn.Module):
         def __init__(self):
             super().__init__()
@@ -183,7 +186,7 @@ def test_evaluate_ranks_splits_containers_and_restores_on_error():
 
         def forward(self, x, scale):
             y = self.proj(x) * scale
-            return {"y": y, "pair": (y.sum(-1), y.mean()), "note": "text"}
+            return {"y": y, "pair": Pair(y.sum(-1), y.mean()), "note": "text"}
 
     model = dylora(Multi(), ["proj"], r_max=3)
     x = torch.randn(5, 2, 6)  # batch-first 3-D input: one rank per sample
@@ -192,8 +195,8 @@ def test_evaluate_ranks_splits_containers_and_restores_on_error():
         set_rank(model, b)
         with torch.no_grad():
             ref = model(x, torch.tensor(2.0))
-        assert rel_err(outs[b]["y"], ref["y"]) <= 1e-6 and rel_err(outs[b]["pair"][0], ref["pair"][0]) <= 1e-6
-        assert outs[b]["pair"][1] is None and outs[b]["note"] is None  # not batch-first: not split
+        assert rel_err(outs[b]["y"], ref["y"]) <= 1e-6 and rel_err(outs[b]["pair"].total, ref["pair"].total) <= 1e-6
+        assert outs[b]["pair"].mean is None and outs[b]["note"] is None  # not batch-first: not split
     set_rank(model, 2)
     with pytest.raises(ValueError, match="x must have shape"):
         evaluate_ranks(model, (torch.randn(5, 7), 1.0), [1, 2])  # wrong width: fails inside forward
@@ -383,6 +386,28 @@ def test_export_peft_loads_in_peft_with_the_same_outputs(kind, tmp_path):
     reference = peft.get_peft_model(hf_model(kind), peft.LoraConfig(r=3, target_modules=TARGETS[kind]))
     saved = __import__("safetensors.torch").torch.load_file(tmp_path / "adapter_model.safetensors")
     assert set(saved) == set(peft.get_peft_model_state_dict(reference))
+
+
+def test_export_peft_per_layer_ranks_and_alphas_round_trip(tmp_path):
+    base = hf_model("bert")
+    model = dylora(copy.deepcopy(base), TARGETS["bert"], r_max=6, alpha=12.0)
+    ranks = RankSampler(model, r_min=2, generator=5, per_layer=True).step()
+    layers(model)[1].alpha = 5.0
+    assert len(set(ranks)) > 1
+    batch = hf_batch()
+    with torch.no_grad():
+        ours = model(**batch).last_hidden_state
+    export_peft(model, tmp_path, rank=None)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and list(config["alpha_pattern"].values()) == [5.0]
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()(**batch).last_hidden_state
+        assert rel_err(theirs, ours) <= 1e-5
+        load_peft(base, tmp_path)
+        assert [m.r_max for m in layers(base)] == ranks
+        assert rel_err(base(**batch).last_hidden_state, ours) <= 1e-5
+    with pytest.raises(ValueError, match="needs an int rank in"):
+        export_peft(model, tmp_path, rank=7)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
