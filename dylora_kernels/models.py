@@ -156,10 +156,10 @@ def evaluate_ranks(model: nn.Module, inputs, ranks: Iterable[int]) -> dict:
         return t.repeat(copies, *[1] * (t.dim() - 1)) if isinstance(t, Tensor) and t.dim() else t
 
     per_sample = torch.tensor(ranks).repeat_interleave(n)
-    saved = [layer._rank for layer in layers]  # the buffers themselves, put back as they were
+    saved = [layer.rank_tensor for layer in layers]  # the buffers themselves, put back as they were
     try:
         for layer in layers:
-            layer.set_rank(per_sample.to(layer._rank.device))
+            layer.set_rank(per_sample.to(layer.rank_tensor.device))
         with torch.no_grad():
             out = model(*map(repeat, args), **{k: repeat(v) for k, v in kwargs.items()})
     finally:
@@ -261,7 +261,7 @@ class _Hooks:
 
 def _trained_slots(layer: DyLoRALinear) -> Tensor:
     """(r_max,) bool: the rank slots the current rank(s) train (reference.rank_masks' rule)."""
-    _, trained = rank_masks(layer._rank, layer.r_max, layer.frozen_prefix)
+    _, trained = rank_masks(layer.rank_tensor, layer.r_max, layer.frozen_prefix)
     return trained.ne(0).any(0)
 
 

@@ -62,6 +62,11 @@ class DyLoRALinear(nn.Module):
         """The current rank: an int, or the per-row rank tensor."""
         return self._rank if self._rank.dim() else int(self._rank)
 
+    @property
+    def rank_tensor(self) -> Tensor:
+        """The rank buffer itself (0-d or per-row); ``set_rank(rank_tensor)`` puts it back as it was."""
+        return self._rank
+
     def set_rank(self, rank: int | Tensor) -> None:
         """Use rank ``rank`` from now on: an int in [1, r_max], a 0-d or a per-row integer tensor."""
         checked = check_rank(rank, self.r_max, self._rank.device)
