@@ -3,7 +3,8 @@
     python bench/bench_cpu.py [extra pytest args]
 
 Forward rows are over F.linear's forward; forward+backward rows over F.linear's forward+backward
-(x requiring grad). Also writes the raw pytest-benchmark JSON to bench/cpu_results.json.
+(x requiring grad). The baselines run interleaved with the timed C++ rounds (see test_bench_cpu.py).
+Also writes the raw pytest-benchmark JSON to bench/cpu_results.json.
 """
 import json
 import os
@@ -25,10 +26,11 @@ def main(argv):
                         "--benchmark-columns=median", *argv])
     if code != 0:
         return code
-    medians = defaultdict(dict)
+    medians = {}
     for bench in json.load(open(RESULTS))["benchmarks"]:
         info = bench["extra_info"]
-        medians[(tuple(info["shape"]), info["b"], info["mode"])][info["impl"]] = bench["stats"]["median"]
+        medians[(tuple(info["shape"]), info["b"], info["mode"])] = {"dylora": bench["stats"]["median"],
+                                                                   **info["baseline_medians"]}
     print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, fp32, r_max = 64; median time ratio over F.linear in the same run\n")
     print("| M×K×N | b | pass | F.linear ms | naive | dylora | target |")
