@@ -51,6 +51,13 @@ Tensor low_rank(const Tensor& a, const Tensor& b, double alpha, const std::optio
   return at::addmm_out(out, out, a, b, 0.0, alpha);  // beta = 0: `out` is not read
 }
 
+// s · vecᵀ · mat, (cols,): one row of a GEMM (1 × M)·(M × cols). MKL runs this multithreaded and
+// 1.8–3.2× faster than the equivalent addmv_ (measured: s·gᵀ·u[:, b-1] at 2048×4096, 2.7 vs 6.5 ms).
+Tensor scaled_row(const Tensor& vec, const Tensor& mat, double s) {
+  Tensor out = at::empty({1, mat.size(1)}, mat.options());
+  return at::addmm_out(out, out, vec.unsqueeze(0), mat, 0.0, s).squeeze(0);
+}
+
 std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight,
                                    const std::optional<Tensor>& bias, const Tensor& lora_A,
                                    const Tensor& lora_B, const Tensor& rank, double alpha) {
@@ -91,9 +98,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& x,
     const Tensor A_b = lora_A.narrow(0, 0, b);
     const Tensor v = mm_acc(grad, lora_B.narrow(1, 0, width)).to(dtype).narrow(1, 0, b);  // (M, b)
     if (compute_dx) dx = low_rank(v, A_b, s, std::nullopt).addmm_(grad, weight);
-    if (frozen_prefix) {  // two matrix-vector products: row b-1 of dA, column b-1 of dB
-      dA.select(0, b - 1).addmv_(x.t(), v.select(1, b - 1), 0.0, s);
-      dB.select(1, b - 1).addmv_(grad.t(), u.select(1, b - 1).to(dtype), 0.0, s);
+    if (frozen_prefix) {  // two vector-matrix products: row b-1 of dA, column b-1 of dB
+      dA.select(0, b - 1).copy_(scaled_row(v.select(1, b - 1), x, s));
+      dB.select(1, b - 1).copy_(scaled_row(u.select(1, b - 1).to(dtype), grad, s));
     } else {
       dA.narrow(0, 0, b).addmm_(v.t(), x, 0.0, s);
       dB.narrow(1, 0, width).addmm_(grad.t(), u.narrow(1, 0, width).to(dtype), 0.0, s);
