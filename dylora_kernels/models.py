@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import DyLoRALinear
-from .ops import intermediate_dtype
+from .ops import check_rank, intermediate_dtype
 from .reference import rank_masks
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model: PEFT's state-dict key prefix
@@ -141,9 +141,10 @@ def evaluate_ranks(model: nn.Module, inputs, ranks: Iterable[int]) -> dict:
     None. Use eval mode (dropout would differ between the copies).
     """
     layers = [layer for _, layer in _layers(model)]
-    ranks = [int(b) for b in ranks]
+    ranks = list(ranks)
     r_cap = min(layer.r_max for layer in layers)
-    if not ranks or len(set(ranks)) != len(ranks) or not all(1 <= b <= r_cap for b in ranks):
+    if (not ranks or len(set(ranks)) != len(ranks)
+            or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= r_cap for b in ranks)):
         raise ValueError(f"evaluate_ranks: ranks must be distinct ints in [1, {r_cap}], got {ranks}")
     args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (
         (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
@@ -159,7 +160,7 @@ def evaluate_ranks(model: nn.Module, inputs, ranks: Iterable[int]) -> dict:
     saved = [layer.rank_tensor for layer in layers]  # the buffers themselves, put back as they were
     try:
         for layer in layers:
-            layer.set_rank(per_sample.to(layer.rank_tensor.device))
+            layer.set_rank(per_sample.to(layer.lora_A.device))
         with torch.no_grad():
             out = model(*map(repeat, args), **{k: repeat(v) for k, v in kwargs.items()})
     finally:
@@ -221,11 +222,13 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
     unmerge() takes back out. Returns the merged module names.
     """
     layers = _layers(model)
-    for name, adapter in layers:  # check every layer before changing any weight
-        if not isinstance(adapter.rank if rank is None else rank, int):
+    for name, adapter in layers:  # check every layer before changing any rank or weight
+        b = adapter.rank if rank is None else rank
+        if isinstance(b, bool) or not isinstance(b, int):
             raise ValueError(f"merge: layer {name} has a per-row rank; pass an int rank")
-        adapter.set_rank(adapter.rank if rank is None else rank)  # validates; unmerge() keeps it
+        check_rank(b, adapter.r_max, adapter.weight.device)
     for name, adapter in layers:
+        adapter.set_rank(adapter.rank if rank is None else rank)  # unmerge() keeps this rank
         W = adapter.weight
         W.copy_(W.to(intermediate_dtype(W.dtype)) + _delta(adapter, adapter.rank))
         _replace(model, name, MergedLinear(adapter, adapter.rank))
@@ -388,6 +391,13 @@ def load_peft(model: nn.Module, path: str | Path, frozen_prefix: bool = True) ->
         raise ValueError(f"load_peft: {path} is not a plain PEFT LoRA adapter (peft_type="
                          f"{config.get('peft_type')!r}, unsupported options: {unsupported})")
     state = _safetensors().load_file(str(path / "adapter_model.safetensors"))
+    # Only the low-rank factors are carried over: refuse an adapter that trained anything else
+    # (biases, modules_to_save) instead of silently dropping it.
+    extra = sorted(k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if config.get("bias", "none") != "none" or config.get("modules_to_save") or extra:
+        raise ValueError(f"load_peft: {path} holds more than LoRA factors (bias={config.get('bias')!r}, "
+                         f"modules_to_save={config.get('modules_to_save')!r}, other tensors: {extra[:4]}); "
+                         "only plain LoRA adapters (bias='none', no modules_to_save) can be loaded")
     suffix = ".lora_A.weight"
     names = sorted(k[len(PEFT_PREFIX):-len(suffix)] for k in state if k.endswith(suffix))
     for name in names:

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .ops import check_rank, dylora_linear
+from .ops import check_alpha, check_rank, dylora_linear
 
 
 class DyLoRALinear(nn.Module):
@@ -41,10 +41,8 @@ class DyLoRALinear(nn.Module):
               frozen_prefix: bool) -> None:
         if isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < 1:
             raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         self.out_features, self.in_features = weight.shape
-        self.r_max, self.alpha, self.frozen_prefix = r_max, float(alpha), bool(frozen_prefix)
+        self.r_max, self.alpha, self.frozen_prefix = r_max, check_alpha(alpha), bool(frozen_prefix)
         self.weight = weight
         self.bias = bias
         self.weight.requires_grad_(False)
@@ -64,16 +62,16 @@ class DyLoRALinear(nn.Module):
 
     @property
     def rank_tensor(self) -> Tensor:
-        """The rank buffer itself (0-d or per-row); ``set_rank(rank_tensor)`` puts it back as it was."""
-        return self._rank
+        """A copy of the current rank as a tensor (0-d or per-row): ``set_rank(saved)`` restores it."""
+        return self._rank.clone()
 
     def set_rank(self, rank: int | Tensor) -> None:
         """Use rank ``rank`` from now on: an int in [1, r_max], a 0-d or a per-row integer tensor."""
         checked = check_rank(rank, self.r_max, self._rank.device)
         if isinstance(rank, int) and self._rank.dim() == 0:
             self._rank.fill_(rank)  # in place: no new tensor, no recompilation, no host sync
-        else:
-            self._rank = checked
+        else:  # never keep the caller's tensor: a later fill_ would write into it
+            self._rank = checked.clone() if checked is rank else checked
 
     def forward(self, x: Tensor) -> Tensor:
         rank = self._rank

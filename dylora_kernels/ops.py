@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -88,7 +89,8 @@ def _(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], rank)
+    # The rank is cloned (a few integers) so that setting a new rank before backward() is harmless.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], rank.clone())
     ctx.mark_non_differentiable(output[1])  # u is saved for the backward, not a result
     ctx.alpha, ctx.frozen_prefix, ctx.backend = alpha, frozen_prefix, backend
 
@@ -136,11 +138,12 @@ def dylora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor
     """
     _check_tensors(x, weight, bias, lora_A, lora_B)
     backend = _resolve_backend(backend, x)
-    rank = check_rank(rank, lora_A.shape[0], x.device, rows=x.numel() // x.shape[-1])
-    alpha = _check_alpha(alpha)
+    rows = math.prod(x.shape[:-1])
+    rank = check_rank(rank, lora_A.shape[0], x.device, rows=rows)
+    alpha = check_alpha(alpha)
     if backend == "reference":
         return reference.dylora_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix)
-    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, rank, alpha,
+    y, _ = forward(x.reshape(rows, x.shape[-1]), weight, bias, lora_A, lora_B, rank, alpha,
                    bool(frozen_prefix), backend)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -233,7 +236,8 @@ def check_rank(rank, r_max: int, device: torch.device, rows: int | None = None) 
     return rank
 
 
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+def check_alpha(alpha) -> float:
+    """alpha as a float: a finite real scalar (Python or NumPy), not a tensor (reading one would sync)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number (a Python or NumPy scalar), got {alpha!r}")
     return float(alpha)

@@ -155,10 +155,9 @@ def test_evaluate_ranks_equals_the_loop_sequential():
     model = dylora(mlp(), ["0", "2", "4"], r_max=6)
     x = torch.randn(9, 12)
     set_rank(model, 2)
-    buffers = [m._rank for m in layers(model)]
     outs = evaluate_ranks(model, x, [1, 3, 6, 4])
     assert list(outs) == [1, 3, 6, 4]
-    assert all(m._rank is b and m.rank == 2 for m, b in zip(layers(model), buffers))  # restored
+    assert all(m.rank == 2 for m in layers(model))  # restored
     for b, ref in loop(model, x, outs).items():
         assert outs[b].shape == (9, 5) and rel_err(outs[b], ref) <= 1e-6
     assert rel_err(outs[1], outs[6]) > 1e-2  # the ranks really differ
@@ -430,3 +429,26 @@ def test_load_peft_turns_a_peft_adapter_into_dylora(use_rslora, tmp_path):
         assert rel_err(model(**batch).last_hidden_state, theirs) <= 1e-5
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         f"{n}.lora_{x}" for n in names for x in "AB"]
+
+
+def test_failed_merge_changes_no_rank():
+    model = dylora(mlp(), ["0"])
+    model[2] = DyLoRALinear.from_linear(model[2], r_max=4, alpha=2.0)
+    before = [model[0].rank, model[2].rank]
+    with pytest.raises(ValueError, match=r"rank must be in \[1, r_max\] = \[1, 4\], got 6"):
+        merge(model, 6)
+    assert [model[0].rank, model[2].rank] == before
+
+
+def test_load_peft_refuses_adapters_that_train_more_than_lora_factors(tmp_path):
+    peft_model = peft.get_peft_model(hf_model("bert"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], bias="all"))
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"holds more than LoRA factors \(bias='all'"):
+        load_peft(hf_model("bert"), tmp_path)
+
+
+def test_evaluate_ranks_refuses_non_integer_ranks():
+    model = dylora(mlp(), ["0"])
+    with pytest.raises(ValueError, match="ranks must be distinct ints"):
+        evaluate_ranks(model.eval(), torch.randn(2, 12), [1.5, 3])

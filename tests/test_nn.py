@@ -140,3 +140,36 @@ def test_import_is_cheap_and_compiles_nothing():
             "print(time.perf_counter() - t, 'triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) < 0.5 and out[1] == "False"  # on top of torch's own import
+
+
+def test_set_rank_never_writes_into_the_callers_tensor():
+    layer = DyLoRALinear(8, 8, r_max=4, alpha=1.0)
+    mine = torch.tensor(3)
+    layer.set_rank(mine)
+    saved = layer.rank_tensor
+    layer.set_rank(2)
+    assert int(mine) == 3 and int(saved) == 3
+    layer.set_rank(saved)
+    assert layer.rank == 3
+
+
+def test_rank_may_change_between_forward_and_backward():
+    """The autograd node keeps its own copy of the rank: the backward uses the forward's rank."""
+    layer = randomised(DyLoRALinear(12, 9, r_max=6, alpha=3.0))
+    x = torch.randn(5, 12)
+    layer.set_rank(2)
+    layer(x).sum().backward()
+    expected = layer.lora_A.grad.clone()
+    layer.lora_A.grad = None
+    y = layer(x)
+    layer.set_rank(5)
+    y.sum().backward()
+    assert torch.equal(layer.lora_A.grad, expected)
+
+
+def test_alpha_accepts_numpy_scalars_and_refuses_tensors():
+    import numpy as np
+
+    assert DyLoRALinear(4, 4, r_max=2, alpha=np.float32(2.0)).alpha == 2.0
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        DyLoRALinear(4, 4, r_max=2, alpha=torch.tensor(2.0))

@@ -48,9 +48,9 @@ BAD = [
     (dict(x=torch.randint(0, 3, (M, K))), TypeError, r"must share one dtype"),
     (dict(weight=torch.randn(N, K, device="meta")), ValueError, r"must be on one device"),
     (dict(rank=torch.tensor([1] * M, device="meta")), ValueError, r"rank tensor must be on x's device"),
-    (dict(alpha=float("nan")), ValueError, r"alpha must be a finite number, got nan"),
-    (dict(alpha=math.inf), ValueError, r"alpha must be a finite number, got inf"),
-    (dict(alpha="2"), ValueError, r"alpha must be a finite number, got '2'"),
+    (dict(alpha=float("nan")), ValueError, r"alpha must be a finite number \(a Python or NumPy scalar\), got nan"),
+    (dict(alpha=math.inf), ValueError, r"alpha must be a finite number \(a Python or NumPy scalar\), got inf"),
+    (dict(alpha="2"), ValueError, r"alpha must be a finite number \(a Python or NumPy scalar\), got '2'"),
     (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'cpp', 'triton', 'reference'\), got 'cuda'"),
     (dict(x=[[1.0] * K]), TypeError, r"x must be a torch.Tensor, got list"),
 ]
@@ -75,5 +75,7 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
 
 def test_good_input_passes():  # the baseline the table above perturbs
     assert call().shape == (M, N)
+    empty_k = call(x=torch.randn(M, 0), weight=torch.randn(N, 0), lora_A=torch.randn(R, 0))
+    assert torch.equal(empty_k, good()["bias"].expand(M, N))  # K = 0: y = bias
     assert call(rank=torch.tensor([1, 2, 3, 4, 4, 1])).shape == (M, N)
     assert call(bias=None, backend="reference").shape == (M, N)
