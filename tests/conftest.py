@@ -88,6 +88,13 @@ def make_inputs(x_shape, N, r_max, bias, layout, dtype, device, seed=0):
     return {k: None if v is None else v.to(device, dtype) for k, v in tensors.items()}
 
 
+def per_row_ranks(rows, r_max, seed=0, sorted_=False):
+    """Mixed per-row ranks with both ends present (sorted: each block of rows has its own largest rank)."""
+    ranks = torch.randint(1, r_max + 1, (rows,), generator=torch.Generator().manual_seed(seed))
+    ranks[0], ranks[-1] = 1, r_max
+    return ranks.sort().values if sorted_ else ranks
+
+
 def pick_rank(kind, r_max, rows, device, seed=0):
     if kind == "1":
         return 1
@@ -95,27 +102,27 @@ def pick_rank(kind, r_max, rows, device, seed=0):
         return r_max
     if kind == "mid":
         return torch.tensor((r_max + 1) // 2, device=device)  # a 0-d tensor
-    ranks = torch.randint(1, r_max + 1, (rows,), generator=torch.Generator().manual_seed(seed))
-    ranks[0], ranks[-1] = 1, r_max  # both ends present
-    return ranks.to(device)
+    return per_row_ranks(rows, r_max, seed).to(device)
 
 
-def run(inputs, rank, alpha, frozen_prefix, backend, grad_out):
-    """y and the gradients of x, lora_A and lora_B, for one backend."""
-    leaves = {k: v.detach().clone().requires_grad_(k in ("x", "lora_A", "lora_B"))
-              for k, v in inputs.items() if v is not None}
+LORA_LEAVES = ("x", "lora_A", "lora_B")
+
+
+def run(inputs, rank, alpha, frozen_prefix, backend, grad_out, wrt=LORA_LEAVES):
+    """y and the gradients of the inputs named in ``wrt`` (in that order), for one backend."""
+    leaves = {k: v.detach().clone().requires_grad_(k in wrt) for k, v in inputs.items() if v is not None}
     if inputs["x"].stride(-1) != 1:  # keep the caller's non-contiguous layout
-        leaves["x"] = inputs["x"].detach().requires_grad_(True)
+        leaves["x"] = inputs["x"].detach().requires_grad_("x" in wrt)
     y = dylora_kernels.dylora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_A"],
                                      leaves["lora_B"], rank, alpha, frozen_prefix=frozen_prefix, backend=backend)
     y.backward(grad_out.to(y.dtype))
-    return y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad
+    return (y.detach(), *(leaves[k].grad for k in wrt))
 
 
-def reference_run(inputs, rank, alpha, frozen_prefix, grad_out):
+def reference_run(inputs, rank, alpha, frozen_prefix, grad_out, wrt=LORA_LEAVES):
     cpu64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
     rank = rank.cpu() if isinstance(rank, torch.Tensor) else rank
-    return run(cpu64, rank, alpha, frozen_prefix, "reference", grad_out.double())
+    return run(cpu64, rank, alpha, frozen_prefix, "reference", grad_out.double(), wrt)
 
 
 def trained_slots(rank, r_max, rows, frozen_prefix):

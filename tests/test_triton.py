@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import dylora_kernels
-from conftest import CUDA, HAS_TRITON, reference_run, rel_err, run, tolerance, trained_slots
+from conftest import (CUDA, HAS_TRITON, make_inputs, per_row_ranks, reference_run, rel_err, run, tolerance,
+                      trained_slots)
 
 pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="needs triton and CUDA or TRITON_INTERPRET=1"),
               # triton 3.6's interpreter turns 1-element arrays into loop bounds with int(): numpy warns
@@ -28,19 +29,8 @@ def kernels():
 
 
 def random_inputs(M, K, N, r_max, dtype, device=DEVICE, bias=True, seed=0):
-    """Random x, W, bias, A, B (B never LoRA's zeros) in float64 on the CPU, then moved."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
-    t = dict(x=rnd(M, K), weight=rnd(N, K) / K**0.5, bias=rnd(N) if bias else None,
-             lora_A=rnd(r_max, K) / K**0.5, lora_B=rnd(N, r_max))
-    return {k: None if v is None else v.to(device, dtype) for k, v in t.items()}
-
-
-def per_row_ranks(M, r_max, seed=0, sorted_=False):
-    """Mixed per-row ranks with both ends present (sorted: each block of rows has its own largest rank)."""
-    ranks = torch.randint(1, r_max + 1, (M,), generator=torch.Generator().manual_seed(seed))
-    ranks[0], ranks[-1] = 1, r_max
-    return ranks.sort().values if sorted_ else ranks
+    """conftest.make_inputs for a contiguous 2-D x."""
+    return make_inputs((M, K), N, r_max, bias, "contiguous", dtype, device, seed)
 
 
 def ops_run(inputs, rank, frozen_prefix, grad_out):
