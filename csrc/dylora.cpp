@@ -1,130 +1,549 @@
-// C++ CPU kernels of the dylora ops (see dylora_kernels/ops.py for the contract they meet).
+// The dylora ops: schemas, the C++ (ATen) kernels, autograd and autocast, declared once.
 //
-// Every product is one BLAS-backed ATen call on views of the caller's storage: A[:b] is a narrow of
-// rows, B[:, :b] a narrow of columns, nothing is copied. The scale alpha/b rides in addmm's alpha,
-// and the low-rank term and the frozen GEMM are summed by the GEMMs themselves (beta = 1): no
-// elementwise pass over an (M, N) or (M, K) tensor. The rank-b intermediates u = x·A[:b]ᵀ and
-// v = g·B[:, :b] are accumulated in float32 (float64 for float64 inputs).
+//   dylora::linear    y = x·Wᵀ + bias + base + (α/b_m)·(x·A[:b_m]ᵀ)·B[:, :b_m]ᵀ  (x is (..., K))
+//                     the op users call; its autograd kernel below saves u and calls:
+//   dylora::forward   (y, u) for a 2-D x; u = x·A[:b_m]ᵀ (M, r_max), fp32, exactly zero beyond b_m
+//   dylora::backward  (dx, dA, dB); frozen-prefix mode trains slot b_m − 1 only
 //
-// One rank for all rows (0-d rank tensor) slices; one rank per row (1-D) masks the r_max slots,
-// with s_m = alpha / b_m:
-//   y  += (s ⊙ u ⊙ [j < b_m]) · Bᵀ          dx += (s ⊙ v ⊙ [j < b_m]) · A
-//   dA  = (s ⊙ v ⊙ trained)ᵀ · x            dB  = gᵀ · (s ⊙ u ⊙ trained)
-// where trained = [j < b_m] in full mode and [j == b_m - 1] in frozen-prefix mode.
+// weight, bias and base are optional: without a weight the op is the low-rank term alone
+// (dylora_delta), and base is a given base-layer output the term is added to.
+//
+// Kernels: CPU (here), CUDA (registered from Python: dylora_kernels/ops.py routes to Triton or to the
+// ATen composition below, which then runs on cuBLAS). Python validates every input once before the
+// op; nothing here re-validates shapes or dtypes. The rank is read where it is used: on the host
+// when it is a CPU tensor (checked here, ValueError when out of range), on the device otherwise (no
+// host sync: rows whose rank is out of range come out NaN).
+//
+// The ATen composition, for one rank b (the rank a CPU tensor):   [slices: nothing is copied]
+//     u = x·A[:b]ᵀ                 y = (α/b)·u·B[:, :b]ᵀ  then  y += x·Wᵀ  (the big GEMM, beta = 1)
+//     v = g·B[:, :b]               dx = (α/b)·v·A[:b]     then  dx += g·W
+//     full: dA[:b] = (α/b)·vᵀ·x, dB[:, :b] = (α/b)·gᵀ·u;   frozen: only row / column b − 1
+// Per-row ranks b_m replace the slices by the first max_m b_m slots and `where` masks per row. A rank
+// tensor on an accelerator cannot be read without a sync, so there the products run r_max wide with
+// the masks and 1/b_m computed on the device (the extra FLOPs are ≤ r_max(K+N)/(KN) of the GEMM).
+// No slot at or beyond the largest rank is ever read, and masks select (`where`) rather than
+// multiply, so NaN/Inf in unused slots of A or B never reach an output (0·NaN = NaN).
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <string>
 #include <tuple>
 
+namespace dylora {
 namespace {
 
 using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
-// The dtype the rank-b intermediates are kept in.
-at::ScalarType acc_dtype(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+// The dtype of the rank-b intermediates u and v: float64 when x or the adapters are float64, else fp32.
+at::ScalarType intermediate_dtype(const Tensor& x, const Tensor& lora_A) {
+  return (x.scalar_type() == at::kDouble || lora_A.scalar_type() == at::kDouble) ? at::kDouble
+                                                                                  : at::kFloat;
 }
 
-// a · b with float32 accumulation written out in float32 (float64 for float64 inputs).
-Tensor mm_acc(const Tensor& a, const Tensor& b) {
-  const auto acc = acc_dtype(a);
+// a · b accumulated and written in `acc` (a and b cast to it first when they differ).
+Tensor mm_in(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   return at::mm(a.to(acc), b.to(acc));
 }
 
-// Per-row ranks: b (M, 1) and the 0/1 mask over the r_max slots, (M, r_max) in `dtype`: the slots
-// j < b_m (prefix), or only j == b_m - 1 (last).
-Tensor slot_mask(const Tensor& b, int64_t r_max, bool last_only, at::ScalarType dtype) {
-  const auto slots = at::arange(r_max, b.options());
-  return (last_only ? slots.eq(b - 1) : slots.lt(b)).to(dtype);
-}
-
-// MKL's sgemm is several times slower for a product with fewer than 16 output columns than with
-// 16 (measured, 2048×1024×4096: g·B[:, :8] 12.4 ms, g·B[:, :16] 3.9 ms; gᵀ·u[:, :8] 40 ms,
-// gᵀ·u[:, :16] 7 ms). The skinny backward products therefore run at least this wide and the extra
-// columns are ignored (v) or exactly zero (dB: u is zero beyond b).
-constexpr int64_t kMinGemmWidth = 16;
-
-// out = bias + alpha · a · b, one GEMM (bias broadcast over rows; no bias: out is only written).
-Tensor low_rank(const Tensor& a, const Tensor& b, double alpha, const std::optional<Tensor>& bias) {
-  if (bias.has_value()) return at::addmm(*bias, a, b, 1.0, alpha);
+// out = seed + alpha · a · b in one GEMM: seed (M, N), (N,) broadcast, or none (out only written).
+Tensor scaled_mm(const Tensor& a, const Tensor& b, double alpha, const optional<Tensor>& seed) {
+  if (seed.has_value()) return at::addmm(*seed, a, b, 1.0, alpha);
   Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  return at::addmm_out(out, out, a, b, 0.0, alpha);  // beta = 0: `out` is not read
+  return at::addmm_out(out, out, a, b, 0.0, alpha);  // beta = 0: `out` is never read
 }
 
-// s · vecᵀ · mat, (cols,): one row of a GEMM (1 × M)·(M × cols). MKL runs this multithreaded and
-// 1.8–3.2× faster than the equivalent addmv_ (measured: s·gᵀ·u[:, b-1] at 2048×4096, 2.7 vs 6.5 ms).
-Tensor scaled_row(const Tensor& vec, const Tensor& mat, double s) {
-  Tensor out = at::empty({1, mat.size(1)}, mat.options());
-  return at::addmm_out(out, out, vec.unsqueeze(0), mat, 0.0, s).squeeze(0);
+// The first of base / bias that is given seeds the low-rank GEMM; the other, if any, is added after.
+Tensor low_rank_term(const Tensor& lhs, const Tensor& rhs, double alpha,
+                     const optional<Tensor>& bias, const optional<Tensor>& base) {
+  Tensor y = scaled_mm(lhs, rhs, alpha, base.has_value() ? base : bias);
+  if (base.has_value() && bias.has_value()) y.add_(*bias);
+  return y;
 }
 
-std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight,
-                                   const std::optional<Tensor>& bias, const Tensor& lora_A,
-                                   const Tensor& lora_B, const Tensor& rank, double alpha) {
-  const auto dtype = x.scalar_type();
-  const int64_t r_max = lora_A.size(0);
-  // The skinny low-rank GEMM writes y first; the big GEMM then accumulates onto it (beta = 1),
-  // reading y inside its blocked loop instead of in a second pass over y.
-  Tensor y, u;
-  if (rank.dim() == 0) {
-    const int64_t b = rank.item<int64_t>();
-    const Tensor u_b = mm_acc(x, lora_A.narrow(0, 0, b).t());                    // (M, b)
-    y = low_rank(u_b.to(dtype), lora_B.narrow(1, 0, b).t(), alpha / b, bias);
-    u = at::constant_pad_nd(u_b, {0, r_max - b});
+// out = s · a · b written into `out` (a view of a gradient buffer): in place when the dtypes agree,
+// else through a temporary cast into out's dtype (adapters in another dtype than x). A one-row
+// product runs as a (1, M)·(M, cols) GEMM: MKL threads it, 1.8–3.2× faster than addmv_ (measured:
+// s·gᵀ·u[:, b-1] at 2048×4096, 2.7 vs 6.5 ms).
+void write_scaled_mm(Tensor out, const Tensor& a, const Tensor& b, double s) {
+  if (out.scalar_type() == a.scalar_type()) {
+    out.addmm_(a, b, 0.0, s);  // beta = 0: the buffer's zeros are not read
   } else {
-    const Tensor b = rank.reshape({-1, 1}).to(at::kLong);
-    // u is stored unscaled and exactly zero beyond each row's rank.
-    u = mm_acc(x, lora_A.t()).mul_(slot_mask(b, r_max, false, acc_dtype(x)));   // (M, r_max)
-    y = low_rank(u.div(b).mul_(alpha).to(dtype), lora_B.t(), 1.0, bias);
+    out.copy_(scaled_mm(a, b, s, std::nullopt));
   }
-  y.addmm_(x, weight.t());
-  return {y, u};
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& x,
-                                            const Tensor& weight, const Tensor& lora_A,
-                                            const Tensor& lora_B, const Tensor& u,
-                                            const Tensor& rank, double alpha, bool frozen_prefix,
-                                            bool compute_dx) {
-  const auto dtype = x.scalar_type();
-  const int64_t r_max = lora_A.size(0);
-  Tensor dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
-  Tensor dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
-  Tensor dx = at::empty({0}, x.options());
-  if (rank.dim() == 0) {
-    const int64_t b = rank.item<int64_t>();
-    const double s = alpha / b;
-    const int64_t width = std::min(r_max, std::max(b, kMinGemmWidth));
-    const Tensor A_b = lora_A.narrow(0, 0, b);
-    const Tensor v = mm_acc(grad, lora_B.narrow(1, 0, width)).to(dtype).narrow(1, 0, b);  // (M, b)
-    if (compute_dx) dx = low_rank(v, A_b, s, std::nullopt).addmm_(grad, weight);
-    if (frozen_prefix) {  // two vector-matrix products: row b-1 of dA, column b-1 of dB
-      dA.select(0, b - 1).copy_(scaled_row(v.select(1, b - 1), x, s));
-      dB.select(1, b - 1).copy_(scaled_row(u.select(1, b - 1).to(dtype), grad, s));
+// MKL's sgemm is several times slower for a product with fewer than 16 output columns than with 16
+// (measured, 2048×1024×4096: g·B[:, :8] 12.4 ms vs g·B[:, :16] 3.9 ms). On the CPU the skinny
+// backward product g·B[:, :b] therefore runs at least this wide and the extra columns are dropped.
+constexpr int64_t kMinCpuGemmWidth = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Ranks read on the host (CPU rank tensors), checked without building temporaries
+// ---------------------------------------------------------------------------------------------
+struct HostRank {
+  bool per_row;
+  int64_t lo, hi;  // the single rank (lo == hi), or min and max over the rows (0, 0 for no rows)
+};
+
+HostRank read_host_rank(const Tensor& rank, int64_t r_max) {
+  HostRank r{rank.dim() == 1, 0, 0};
+  AT_DISPATCH_INTEGRAL_TYPES(rank.scalar_type(), "dylora_rank", [&] {
+    // Compared as int64: a narrow rank dtype never wraps r_max (uint8 rank 100 with r_max 300 is valid).
+    if (rank.dim() == 0) {
+      r.lo = r.hi = static_cast<int64_t>(*rank.const_data_ptr<scalar_t>());
+    } else if (rank.size(0) > 0) {
+      const auto values = rank.accessor<scalar_t, 1>();
+      r.lo = std::numeric_limits<int64_t>::max();
+      r.hi = std::numeric_limits<int64_t>::min();
+      for (int64_t m = 0; m < values.size(0); ++m) {
+        const auto b = static_cast<int64_t>(values[m]);
+        r.lo = std::min(r.lo, b);
+        r.hi = std::max(r.hi, b);
+      }
     } else {
-      dA.narrow(0, 0, b).addmm_(v.t(), x, 0.0, s);
-      dB.narrow(1, 0, width).addmm_(grad.t(), u.narrow(1, 0, width).to(dtype), 0.0, s);
+      r.lo = 1;  // no rows: nothing to check
+    }
+  });
+  if (r.per_row) {
+    TORCH_CHECK_VALUE(r.lo >= 1 && r.hi <= r_max, "rank values must be in [1, r_max] = [1, ", r_max,
+                      "], got min ", r.lo, ", max ", r.hi);
+  } else {
+    TORCH_CHECK_VALUE(r.lo >= 1 && r.lo <= r_max, "rank values must be in [1, r_max] = [1, ", r_max,
+                      "], got ", r.lo);
+  }
+  return r;
+}
+
+// The slots a row selects: those it uses (j < b_m), or the one frozen-prefix mode trains (j == b_m − 1).
+enum class Slots { kUsed, kTrained };
+
+// out[m, j] = t[m, j] · scale_m where row m selects slot j, else exactly 0 (a select, not a product:
+// whatever t holds elsewhere, NaN included, never comes through); scale_m = alpha / b_m, or 1 when
+// `alpha` is not given. One pass over t (M, width) with CPU ranks: no mask tensors are built.
+Tensor select_rows(const Tensor& t, const Tensor& rank, Slots slots, optional<double> alpha) {
+  Tensor out = at::empty(t.sizes(), t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "dylora_select_rows", [&] {
+    using value_t = scalar_t;
+    const auto in = t.accessor<value_t, 2>();
+    auto res = out.accessor<value_t, 2>();
+    AT_DISPATCH_INTEGRAL_TYPES(rank.scalar_type(), "dylora_select_rows_rank", [&] {
+      const auto b = rank.accessor<scalar_t, 1>();
+      for (int64_t m = 0; m < in.size(0); ++m) {
+        const auto bm = static_cast<int64_t>(b[m]);
+        const auto scale = static_cast<value_t>(alpha.has_value() ? *alpha / bm : 1.0);
+        for (int64_t j = 0; j < in.size(1); ++j) {
+          const bool selected = slots == Slots::kUsed ? j < bm : j == bm - 1;
+          res[m][j] = selected ? in[m][j] * scale : value_t(0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ATen composition, rank on the host: single rank → slices; per-row → first max b_m slots + masks
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> forward_host_rank(const Tensor& x, const optional<Tensor>& weight,
+                                             const optional<Tensor>& bias,
+                                             const optional<Tensor>& base, const Tensor& lora_A,
+                                             const Tensor& lora_B, const Tensor& rank, double alpha,
+                                             bool need_u) {
+  const auto dtype = x.scalar_type();
+  const auto acc = intermediate_dtype(x, lora_A);
+  const int64_t r_max = lora_A.size(0);
+  const HostRank r = read_host_rank(rank, r_max);
+  const int64_t width = r.hi;  // slots at or beyond the largest rank are never read
+  const Tensor B_w = lora_B.narrow(1, 0, width).to(dtype);
+  Tensor u = mm_in(x, lora_A.narrow(0, 0, width).t(), acc);  // (M, width)
+  Tensor y;
+  if (!r.per_row) {  // α/b rides in the GEMM's alpha, applied to the fp32 product
+    y = low_rank_term(u.to(dtype), B_w.t(), alpha / r.lo, bias, base);
+  } else {
+    const Tensor p = select_rows(u, rank, Slots::kUsed, alpha).to(dtype);  // (alpha/b_m)·u, masked
+    y = low_rank_term(p, B_w.t(), 1.0, bias, base);
+    if (need_u) u = select_rows(u, rank, Slots::kUsed, std::nullopt);  // exactly zero beyond b_m
+  }
+  if (weight.has_value()) y.addmm_(x, weight->t());  // the big GEMM accumulates onto the term
+  if (!need_u) return {y, at::empty({0}, x.options().dtype(acc))};
+  return {y, at::constant_pad_nd(u, {0, r_max - width})};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_host_rank(
+    const Tensor& grad, const Tensor& x, const optional<Tensor>& weight, const Tensor& lora_A,
+    const Tensor& lora_B, const Tensor& u, const Tensor& rank, double alpha, bool frozen_prefix,
+    bool compute_dx, bool compute_lora) {
+  const auto dtype = x.scalar_type();
+  const auto acc = intermediate_dtype(x, lora_A);
+  const int64_t r_max = lora_A.size(0);
+  const HostRank r = read_host_rank(rank, r_max);
+  Tensor dx = at::empty({0}, x.options());
+  Tensor dA = at::empty({0}, lora_A.options());
+  Tensor dB = at::empty({0}, lora_B.options());
+  if (compute_lora) {
+    dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
+    dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
+  }
+  if (!r.per_row) {
+    const int64_t b = r.lo;
+    const double s = alpha / b;
+    const int64_t gemm_width = x.is_cpu() ? std::min(r_max, std::max(b, kMinCpuGemmWidth)) : b;
+    const Tensor v = mm_in(grad, lora_B.narrow(1, 0, gemm_width), acc).narrow(1, 0, b).to(dtype);
+    if (compute_dx) {
+      dx = scaled_mm(v, lora_A.narrow(0, 0, b).to(dtype), s, std::nullopt);
+      if (weight.has_value()) dx.addmm_(grad, *weight);
+    }
+    if (compute_lora && frozen_prefix) {  // row b-1 of dA and column b-1 of dB: two one-row GEMMs
+      write_scaled_mm(dA.narrow(0, b - 1, 1), v.narrow(1, b - 1, 1).t(), x, s);
+      write_scaled_mm(dB.narrow(1, b - 1, 1).t(), u.narrow(1, b - 1, 1).to(dtype).t(), grad, s);
+    } else if (compute_lora) {
+      // u is exactly zero beyond b: dB's extra gemm_width − b columns come out zero.
+      write_scaled_mm(dA.narrow(0, 0, b), v.t(), x, s);
+      write_scaled_mm(dB.narrow(1, 0, gemm_width), grad.t(), u.narrow(1, 0, gemm_width).to(dtype), s);
     }
     return {dx, dA, dB};
   }
-  const auto acc = acc_dtype(x);
-  const Tensor b = rank.reshape({-1, 1}).to(at::kLong);
-  const Tensor scale = b.to(acc).reciprocal_().mul_(alpha);                       // (M, 1)
-  const Tensor v = mm_acc(grad, lora_B).mul_(scale);                              // (M, r_max), scaled
+  const int64_t width = r.hi;
+  const Tensor v = mm_in(grad, lora_B.narrow(1, 0, width), acc);  // (M, width)
   if (compute_dx) {
-    const Tensor v_used = v.mul(slot_mask(b, r_max, false, acc)).to(dtype);
-    dx = low_rank(v_used, lora_A, 1.0, std::nullopt).addmm_(grad, weight);
+    const Tensor p = select_rows(v, rank, Slots::kUsed, alpha).to(dtype);
+    dx = scaled_mm(p, lora_A.narrow(0, 0, width).to(dtype), 1.0, std::nullopt);
+    if (weight.has_value()) dx.addmm_(grad, *weight);
   }
-  const Tensor trained = slot_mask(b, r_max, frozen_prefix, acc);
-  at::mm_out(dA, v.mul_(trained).to(dtype).t(), x);
-  at::mm_out(dB, grad.t(), u.mul(scale).mul_(trained).to(dtype));
+  if (compute_lora) {
+    const Slots trained = frozen_prefix ? Slots::kTrained : Slots::kUsed;
+    const Tensor p = select_rows(v, rank, trained, alpha).to(dtype);
+    const Tensor q = select_rows(u.narrow(1, 0, width), rank, trained, alpha).to(dtype);
+    write_scaled_mm(dA.narrow(0, 0, width), p.t(), x, 1.0);
+    write_scaled_mm(dB.narrow(1, 0, width), grad.t(), q, 1.0);
+  }
   return {dx, dA, dB};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ATen composition, rank on the device: r_max-wide products, masks and 1/b_m on the device
+// ---------------------------------------------------------------------------------------------
+// Per-row (or shared) quantities derived from a device rank tensor without reading it on the host.
+struct DeviceRank {
+  Tensor b;      // (M, 1) or (1, 1), int64
+  Tensor inv_b;  // 1/b_m in the intermediate dtype, NaN where b_m is outside [1, r_max]
+  Tensor used;   // [j < b_m], (M or 1, r_max)
+  Tensor A, B;   // lora_A / lora_B with the slots at or beyond the largest rank zeroed (`where`)
+};
+
+DeviceRank device_rank(const Tensor& rank, const Tensor& lora_A, const Tensor& lora_B,
+                       at::ScalarType acc) {
+  const int64_t r_max = lora_A.size(0);
+  DeviceRank d;
+  d.b = rank.reshape({-1, 1}).to(at::kLong);
+  const Tensor valid = d.b.ge(1).logical_and_(d.b.le(r_max));
+  d.inv_b = at::where(valid, d.b.to(acc).reciprocal(), std::numeric_limits<double>::quiet_NaN());
+  const Tensor slots = at::arange(r_max, d.b.options());
+  d.used = slots.lt(d.b);
+  // The largest rank, on the device (no rows: nothing is used).
+  const Tensor b_max = rank.dim() == 0 ? d.b.reshape({}) : d.b.numel() ? d.b.amax() : d.b.new_zeros({});
+  const Tensor kept = slots.lt(b_max);
+  d.A = at::where(kept.unsqueeze(1), lora_A, 0);
+  d.B = at::where(kept.unsqueeze(0), lora_B, 0);
+  return d;
+}
+
+std::tuple<Tensor, Tensor> forward_device_rank(const Tensor& x, const optional<Tensor>& weight,
+                                               const optional<Tensor>& bias,
+                                               const optional<Tensor>& base,
+                                               const Tensor& lora_A, const Tensor& lora_B,
+                                               const Tensor& rank, double alpha, bool need_u) {
+  const auto dtype = x.scalar_type();
+  const auto acc = intermediate_dtype(x, lora_A);
+  const DeviceRank d = device_rank(rank, lora_A, lora_B, acc);
+  // u in x's dtype from the GEMM (fp32 accumulation inside), kept in fp32 from here on.
+  const Tensor u = at::where(d.used, at::mm(x, d.A.to(dtype).t()).to(acc), 0);
+  // 1/b_m on the operand (it only shrinks it: no fp16 overflow), α on the fp32 product.
+  Tensor y = low_rank_term(u.mul(d.inv_b).to(dtype), d.B.to(dtype).t(), alpha, bias, base);
+  if (weight.has_value()) y.addmm_(x, weight->t());
+  return {y, need_u ? u : at::empty({0}, x.options().dtype(acc))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_device_rank(
+    const Tensor& grad, const Tensor& x, const optional<Tensor>& weight, const Tensor& lora_A,
+    const Tensor& lora_B, const Tensor& u, const Tensor& rank, double alpha, bool frozen_prefix,
+    bool compute_dx, bool compute_lora) {
+  const auto dtype = x.scalar_type();
+  const auto acc = intermediate_dtype(x, lora_A);
+  const int64_t r_max = lora_A.size(0);
+  const DeviceRank d = device_rank(rank, lora_A, lora_B, acc);
+  const Tensor v = at::mm(grad, d.B.to(dtype)).to(acc);  // (M, r_max)
+  Tensor dx = at::empty({0}, x.options());
+  Tensor dA = at::empty({0}, lora_A.options());
+  Tensor dB = at::empty({0}, lora_B.options());
+  if (compute_dx) {
+    const Tensor p = at::where(d.used, v, 0).mul_(d.inv_b).to(dtype);
+    dx = scaled_mm(p, d.A.to(dtype), alpha, std::nullopt);
+    if (weight.has_value()) dx.addmm_(grad, *weight);
+  }
+  if (!compute_lora) return {dx, dA, dB};
+  if (frozen_prefix && rank.dim() == 0) {  // one slot: a GEMV for dA's row, one for dB's column
+    const Tensor slot = (d.b.reshape({1}) - 1).clamp_(0, r_max - 1);
+    const Tensor p = v.index_select(1, slot).mul_(d.inv_b).to(dtype);  // (M, 1), NaN if invalid
+    const Tensor q = u.index_select(1, slot).mul_(d.inv_b).to(dtype);
+    dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous)
+             .index_copy_(0, slot, scaled_mm(p.t(), x, alpha, std::nullopt).to(lora_A.scalar_type()));
+    dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous)
+             .index_copy_(1, slot, scaled_mm(grad.t(), q, alpha, std::nullopt).to(lora_B.scalar_type()));
+    return {dx, dA, dB};
+  }
+  const Tensor trained = frozen_prefix ? at::arange(r_max, d.b.options()).eq(d.b - 1) : d.used;
+  const Tensor p = at::where(trained, v, 0).mul_(d.inv_b).to(dtype);
+  const Tensor q = at::where(trained, u, 0).mul_(d.inv_b).to(dtype);
+  dA = scaled_mm(p.t(), x, alpha, std::nullopt).to(lora_A.scalar_type());
+  dB = scaled_mm(grad.t(), q, alpha, std::nullopt).to(lora_B.scalar_type());
+  return {dx, dA, dB};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernels of dylora::forward / dylora::backward for CPU tensors (and, from Python, for the
+// cuBLAS composition on CUDA tensors): host-rank path when the rank is a CPU tensor.
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> forward_aten(const Tensor& x, const optional<Tensor>& weight,
+                                        const optional<Tensor>& bias, const optional<Tensor>& base,
+                                        const Tensor& lora_A, const Tensor& lora_B,
+                                        const Tensor& rank, double alpha, bool need_u) {
+  return rank.is_cpu() ? forward_host_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
+                       : forward_device_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_aten(const Tensor& grad, const Tensor& x,
+                                                 const optional<Tensor>& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B,
+                                                 const Tensor& u, const Tensor& rank, double alpha,
+                                                 bool frozen_prefix, bool compute_dx,
+                                                 bool compute_lora) {
+  return rank.is_cpu()
+             ? backward_host_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix,
+                                  compute_dx, compute_lora)
+             : backward_device_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix,
+                                    compute_dx, compute_lora);
+}
+
+// Backends other than the C++ one on CPU tensors are Triton kernels under TRITON_INTERPRET=1 (how
+// CI tests them): those go to the CUDA kernel, which is Python and accepts CPU tensors there.
+bool is_python_backend(c10::string_view backend) { return backend != "cpp" && backend != "auto"; }
+
+std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const optional<Tensor>& weight,
+                                       const optional<Tensor>& bias, const optional<Tensor>& base,
+                                       const Tensor& lora_A, const Tensor& lora_B,
+                                       const Tensor& rank, double alpha, bool need_u,
+                                       c10::string_view backend) {
+  if (is_python_backend(backend)) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::forward", "")
+                         .typed<decltype(forward_cpu)>();
+    return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CUDA), x, weight, bias, base, lora_A,
+                         lora_B, rank, alpha, need_u, backend);
+  }
+  return forward_aten(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& x,
+                                                const optional<Tensor>& weight,
+                                                const Tensor& lora_A, const Tensor& lora_B,
+                                                const Tensor& u, const Tensor& rank, double alpha,
+                                                bool frozen_prefix, bool compute_dx,
+                                                bool compute_lora, c10::string_view backend) {
+  if (is_python_backend(backend)) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::backward", "")
+                         .typed<decltype(backward_cpu)>();
+    return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CUDA), grad, x, weight, lora_A,
+                         lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora, backend);
+  }
+  return backward_aten(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
+                       compute_lora);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dylora::linear: reshape, autograd, autocast
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> call_forward(const Tensor& x, const optional<Tensor>& weight,
+                                        const optional<Tensor>& bias, const optional<Tensor>& base,
+                                        const Tensor& lora_A, const Tensor& lora_B,
+                                        const Tensor& rank, double alpha, bool need_u,
+                                        c10::string_view backend) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::forward", "")
+                       .typed<decltype(forward_cpu)>();
+  return op.call(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend);
+}
+
+std::tuple<Tensor, Tensor, Tensor> call_backward(const Tensor& grad, const Tensor& x,
+                                                 const optional<Tensor>& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B,
+                                                 const Tensor& u, const Tensor& rank, double alpha,
+                                                 bool frozen_prefix, bool compute_dx,
+                                                 bool compute_lora, c10::string_view backend) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::backward", "")
+                       .typed<decltype(backward_cpu)>();
+  return op.call(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
+                 compute_lora, backend);
+}
+
+// (..., K) -> (M, K) and (..., N) -> (M, N): views whenever the layout allows.
+Tensor rows(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
+
+optional<Tensor> rows(const optional<Tensor>& t) {
+  return t.has_value() ? optional<Tensor>(rows(*t)) : std::nullopt;
+}
+
+std::vector<int64_t> out_shape(const Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+int64_t out_features(const optional<Tensor>& weight, const Tensor& lora_B) {
+  return weight.has_value() ? weight->size(0) : lora_B.size(0);
+}
+
+// No autograd (inference mode, or nothing requires grad): the forward without u.
+Tensor linear_no_grad(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                      const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
+                      const Tensor& rank, double alpha, bool frozen_prefix,
+                      c10::string_view backend) {
+  const Tensor y = std::get<0>(call_forward(rows(x), weight, bias, rows(base), lora_A, lora_B, rank,
+                                            alpha, /*need_u=*/false, backend));
+  return x.dim() == 2 ? y : y.view(out_shape(x, out_features(weight, lora_B)));
+}
+
+class LinearFunction : public torch::autograd::Function<LinearFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
+                        const optional<Tensor>& bias, const optional<Tensor>& base,
+                        const Tensor& lora_A, const Tensor& lora_B, const Tensor& rank,
+                        double alpha, bool frozen_prefix, const std::string& backend) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const Tensor x2 = rows(x);
+    auto [y, u] = call_forward(x2, weight, bias, rows(base), lora_A, lora_B, rank, alpha,
+                               /*need_u=*/true, backend);
+    // The rank is copied (a few integers): setting a new rank before backward() is harmless.
+    ctx->save_for_backward({x2, weight.value_or(Tensor()), lora_A, lora_B, u, rank.clone()});
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["frozen_prefix"] = frozen_prefix;
+    ctx->saved_data["backend"] = backend;
+    ctx->saved_data["x_shape"] = x.sizes();
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["has_base"] = base.has_value();
+    return x.dim() == 2 ? y : y.view(out_shape(x, y.size(1)));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3];
+    const Tensor &u = saved[4], &rank = saved[5];
+    const Tensor g = rows(grad_outputs[0]);
+    // needs_input_grad counts the forward's tensor arguments that were given (None ones have no edge).
+    const bool has_weight = weight.defined();
+    size_t edge = 0;
+    const bool need_x = ctx->needs_input_grad(edge++);
+    const bool need_w = has_weight && ctx->needs_input_grad(edge++);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(edge++);
+    const bool need_base = ctx->saved_data["has_base"].toBool() && ctx->needs_input_grad(edge++);
+    const bool need_A = ctx->needs_input_grad(edge++);
+    const bool need_B = ctx->needs_input_grad(edge++);
+    Tensor dx, dW, dbias, dbase, dA, dB;
+    if (need_x || need_A || need_B) {
+      std::tie(dx, dA, dB) = call_backward(
+          g, x, has_weight ? optional<Tensor>(weight) : std::nullopt, lora_A, lora_B, u, rank,
+          ctx->saved_data["alpha"].toDouble(), ctx->saved_data["frozen_prefix"].toBool(), need_x,
+          need_A || need_B, ctx->saved_data["backend"].toStringRef());
+      if (need_x) dx = dx.view(ctx->saved_data["x_shape"].toIntVector());
+    }
+    // The base layer is normally frozen; when it is not, its gradients are plain GEMMs.
+    if (need_w) dW = at::mm(g.t(), x);
+    if (need_bias) dbias = g.sum(0);
+    if (need_base) dbase = grad_outputs[0];  // base enters y with coefficient 1
+    return {need_x ? dx : Tensor(), dW, dbias, dbase, need_A ? dA : Tensor(), need_B ? dB : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor linear_autograd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                       const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
+                       const Tensor& rank, double alpha, bool frozen_prefix,
+                       c10::string_view backend) {
+  const auto requires = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  const bool need_grad = at::GradMode::is_enabled() &&
+                         (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() ||
+                          requires(weight) || requires(bias) || requires(base));
+  if (!need_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_no_grad(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend);
+  }
+  return LinearFunction::apply(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix,
+                               std::string(backend));
+}
+
+// Under torch.autocast the op computes like the plain-PyTorch peer (F.linear + two matmuls): every
+// floating input cast to the autocast dtype (float64 stays, as autocast leaves it).
+template <c10::DeviceType device_type>
+Tensor linear_autocast(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                       const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
+                       const Tensor& rank, double alpha, bool frozen_prefix,
+                       c10::string_view backend) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
+  const auto dtype = at::autocast::get_autocast_dtype(device_type);
+  const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dtype, t, device_type); };
+  const auto cast_opt = [&](const optional<Tensor>& t) {
+    return t.has_value() ? optional<Tensor>(cast(*t)) : std::nullopt;
+  };
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::linear", "")
+                       .typed<decltype(linear_no_grad)>();
+  return op.call(cast(x), cast_opt(weight), cast_opt(bias), cast_opt(base), cast(lora_A),
+                 cast(lora_B), rank, alpha, frozen_prefix, backend);
 }
 
 }  // namespace
 
+TORCH_LIBRARY(dylora, m) {
+  m.set_python_module("dylora_kernels.ops");  // the fake (meta) implementations live there
+  m.def("linear(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor lora_A, Tensor lora_B, "
+        "Tensor rank, float alpha, bool frozen_prefix, str backend) -> Tensor");
+  m.def("forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor lora_A, Tensor lora_B, "
+        "Tensor rank, float alpha, bool need_u, str backend) -> (Tensor, Tensor)");
+  m.def("backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "Tensor rank, float alpha, bool frozen_prefix, bool compute_dx, bool compute_lora, "
+        "str backend) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dylora, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("backward", &backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(dylora, CompositeExplicitAutograd, m) { m.impl("linear", &linear_no_grad); }
+TORCH_LIBRARY_IMPL(dylora, Autograd, m) { m.impl("linear", &linear_autograd); }
+TORCH_LIBRARY_IMPL(dylora, AutocastCPU, m) { m.impl("linear", &linear_autocast<c10::DeviceType::CPU>); }
+TORCH_LIBRARY_IMPL(dylora, AutocastCUDA, m) {
+  m.impl("linear", &linear_autocast<c10::DeviceType::CUDA>);
+}
+
+}  // namespace dylora
+
+// The ATen composition as plain functions, for the Python CUDA router (the "cublas" backend) and for
+// tests that run the device-rank path on CPU tensors.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dylora C++ CPU kernels; call them through torch.ops.dylora (dylora_kernels.ops)";
-  m.def("forward", &forward, "y and u for one rank (0-d) or one rank per row (1-D)");
-  m.def("backward", &backward, "dx, dA, dB in full or frozen-prefix mode");
+  m.doc() = "dylora C++ kernels; call them through torch.ops.dylora (see dylora_kernels/ops.py)";
+  m.def("forward", &dylora::forward_aten, "(y, u) through ATen: host-rank or device-rank path");
+  m.def("backward", &dylora::backward_aten, "(dx, dA, dB) through ATen");
+  m.def("forward_device_rank", &dylora::forward_device_rank, "the device-rank path (tests)");
+  m.def("backward_device_rank", &dylora::backward_device_rank, "the device-rank path (tests)");
 }

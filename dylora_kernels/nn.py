@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -39,21 +40,23 @@ class DyLoRALinear(nn.Module):
 
     def _init(self, weight: nn.Parameter, bias: nn.Parameter | None, r_max: int, alpha: float,
               frozen_prefix: bool) -> None:
-        if isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < 1:
+        if isinstance(r_max, bool) or not isinstance(r_max, numbers.Integral) or r_max < 1:
             raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
+        if type(frozen_prefix) is not bool:
+            raise TypeError(f"frozen_prefix must be a bool, got {type(frozen_prefix).__name__} {frozen_prefix!r}")
         self.out_features, self.in_features = weight.shape
-        self.r_max, self.alpha, self.frozen_prefix = r_max, check_alpha(alpha), bool(frozen_prefix)
+        self.r_max, self.alpha, self.frozen_prefix = int(r_max), check_alpha(alpha), frozen_prefix
         self.weight = weight
         self.bias = bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r_max, **factory))
+        self.lora_A = nn.Parameter(torch.empty(self.r_max, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r_max, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT's LoRA
-        # The rank is runtime data; not saved in the state_dict (it is a choice, not a weight).
-        self.register_buffer("_rank", torch.tensor(r_max, device=weight.device), persistent=False)
+        # The rank is runtime data, always int64; not saved in the state_dict (a choice, not a weight).
+        self.register_buffer("_rank", torch.tensor(self.r_max, device=weight.device), persistent=False)
 
     @property
     def rank(self) -> int | Tensor:
@@ -66,18 +69,26 @@ class DyLoRALinear(nn.Module):
         return self._rank.clone()
 
     def set_rank(self, rank: int | Tensor) -> None:
-        """Use rank ``rank`` from now on: an int in [1, r_max], a 0-d or a per-row integer tensor."""
-        checked = check_rank(rank, self.r_max, self._rank.device)
-        if isinstance(rank, int) and self._rank.dim() == 0:
-            self._rank.fill_(rank)  # in place: no new tensor, no recompilation, no host sync
-        else:  # never keep the caller's tensor: a later fill_ would write into it
-            self._rank = checked.clone() if checked is rank else checked
+        """Use rank ``rank`` from now on: an int in [1, r_max], a 0-d or a per-row integer tensor.
+
+        A one-rank change (int or 0-d tensor) while the layer holds one rank is written into the same
+        buffer (no new tensor: no recompilation); a per-row rank replaces the buffer with an int64 copy
+        (the caller's tensor is never kept: a later in-place change would write into it)."""
+        if not isinstance(rank, Tensor) and self._rank.dim() == 0:
+            b = check_rank(rank, self.r_max, torch.device("cpu")).item()  # host range check only
+            self._rank.fill_(b)  # in place: no new tensor, no recompilation, no host sync
+            return
+        checked = check_rank(rank, self.r_max, self._rank.device)  # a new int64 tensor
+        if checked.dim() == 0 and self._rank.dim() == 0:
+            self._rank.copy_(checked)
+        else:
+            self._rank = checked
 
     def forward(self, x: Tensor) -> Tensor:
         rank = self._rank
         if rank.dim() == 1 and x.dim() > 2 and rank.shape[0] == x.shape[0]:
             # One rank per sample of a batch-first input: the same rank for all of its rows.
-            rank = rank.repeat_interleave(x[0, ..., 0].numel())
+            rank = rank.repeat_interleave(math.prod(x.shape[1:-1]))
         return dylora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, rank,
                              self.alpha, frozen_prefix=self.frozen_prefix)
 

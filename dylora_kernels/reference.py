@@ -1,14 +1,18 @@
 """The DyLoRA math in plain PyTorch (naive slicing): the one statement every backend is tested against.
 
     u = x · A[:b]ᵀ                          (M, b)
-    y = x · Wᵀ + bias + (alpha / b) · u · B[:, :b]ᵀ
+    y = x · Wᵀ + bias + base + (alpha / b) · u · B[:, :b]ᵀ      (weight, bias and base optional)
 
 Autograd supplies the backward. In frozen-prefix mode the rows of A (columns of B) below b-1 are
 detached, as in the official implementation (huawei-noah loralib ``DyLoRA.py``), so only row b-1
-of dA and column b-1 of dB receive gradient.
+of dA and column b-1 of dB receive gradient. The scale is applied last, to the product (as the
+official formula does), so it never overflows a half-precision intermediate.
 
 With a per-row rank tensor (one rank b_m per row of the flattened x) row m uses A[:b_m], B[:, :b_m]
-and alpha / b_m; the prefix (full mode) or one-hot (frozen-prefix mode) masks below state that.
+and alpha / b_m: the low-rank term is computed over the first max_m b_m slots (slots no row uses are
+never read) with per-row masks that select, not multiply, so a NaN in a slot a row does not use never
+reaches that row. Adapters in another dtype than x (float32 adapters on a bfloat16 model) compute
+the low-rank term in their dtype, as PEFT does, and the result is cast to x's dtype.
 This module is also the "naive slicing" baseline of the benchmarks: it is deliberately simple.
 """
 from __future__ import annotations
@@ -19,47 +23,61 @@ from torch import Tensor
 
 
 def rank_masks(rank: Tensor, r_max: int, frozen_prefix: bool) -> tuple[Tensor, Tensor]:
-    """Per-row masks over the r_max rank slots, each (M, r_max) and already scaled by 1/b_m.
+    """Per-row boolean masks over the r_max rank slots, each (M, r_max).
 
-    Returns ``(prefix, trained)``: ``prefix[m, j] = [j < b_m] / b_m`` selects the slots row m uses in
-    the forward; ``trained`` selects the slots that receive gradient: the prefix itself in full mode,
-    the single slot ``b_m - 1`` in frozen-prefix mode.
+    Returns ``(used, trained)``: ``used[m, j] = j < b_m`` selects the slots row m uses in the forward;
+    ``trained`` selects the slots that receive gradient: ``used`` in full mode, the single slot
+    ``b_m - 1`` in frozen-prefix mode.
     """
     slots = torch.arange(r_max, device=rank.device)
-    b = rank.reshape(-1, 1)
-    inv_b = 1.0 / b.double()
-    prefix = (slots < b) * inv_b
-    trained = (slots == b - 1) * inv_b if frozen_prefix else prefix
-    return prefix, trained
+    b = rank.reshape(-1, 1).long()
+    used = slots < b
+    return used, ((slots == b - 1) if frozen_prefix else used)
 
 
-def dylora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                  rank: int | Tensor, alpha: float, frozen_prefix: bool = False) -> Tensor:
-    """Naive-slicing DyLoRA linear. ``rank``: an int, a 0-d integer tensor, or one rank per row of
-    ``x.reshape(-1, K)``. No validation here: callers pass valid inputs (see ``ops.dylora_linear``)."""
-    base = F.linear(x, weight, bias)
+def dylora_linear(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                  rank: int | Tensor, alpha: float, frozen_prefix: bool = False, *, base: Tensor | None = None) -> Tensor:
+    """Naive-slicing DyLoRA linear (``weight=None``: the low-rank term alone, plus ``base`` if given).
+    ``rank``: an int, a 0-d integer tensor, or one rank per row of ``x.reshape(-1, K)``. No validation
+    here: callers pass valid inputs (see ``ops.dylora_linear``)."""
+    out = F.linear(x, weight, bias) if weight is not None else None
+    if weight is None and bias is not None:
+        out = bias.expand(*x.shape[:-1], bias.shape[0])
+    if base is not None:
+        out = base if out is None else out + base
+    x_lr = x.to(lora_A.dtype)
     if isinstance(rank, Tensor) and rank.dim() == 1:
-        return base + _per_row_lora(x, lora_A, lora_B, rank, alpha, frozen_prefix).view_as(base)
-    b = int(rank)
-    A_b, B_b = lora_A[:b], lora_B[:, :b]
-    if frozen_prefix:  # only row b-1 of A / column b-1 of B is trained
-        A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]], dim=0)
-        B_b = torch.cat([B_b[:, :-1].detach(), B_b[:, -1:]], dim=1)
-    return base + (alpha / b) * ((x @ A_b.t()) @ B_b.t())
+        term = _per_row_lora(x_lr, lora_A, lora_B, rank, alpha, frozen_prefix)
+    else:
+        b = int(rank)
+        A_b, B_b = lora_A[:b], lora_B[:, :b]
+        if frozen_prefix:  # only row b-1 of A / column b-1 of B is trained
+            A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]], dim=0)
+            B_b = torch.cat([B_b[:, :-1].detach(), B_b[:, -1:]], dim=1)
+        term = (alpha / b) * ((x_lr @ A_b.t()) @ B_b.t())
+    term = term.to(x.dtype)
+    return term if out is None else out + term
 
 
 def _per_row_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank: Tensor, alpha: float,
                   frozen_prefix: bool) -> Tensor:
-    """The low-rank term with one rank per row, as masks over all r_max slots."""
-    x2 = x.reshape(-1, x.shape[-1])
-    prefix, trained = (m.to(x.dtype) * alpha for m in rank_masks(rank, lora_A.shape[0], frozen_prefix))
+    """The low-rank term with one rank per row, over the first max_m b_m slots with per-row masks."""
+    rows, K = rank.shape[0], x.shape[-1]
+    x2 = x.reshape(rows, K)
+    width = int(rank.max()) if rows else 0
+    A, B = lora_A[:width], lora_B[:, :width]
+    used, trained = rank_masks(rank, width, frozen_prefix)
+    scale = (alpha / rank.reshape(-1, 1).to(x.dtype))  # applied to each row of the product, last
+    zero = x.new_zeros(())
     if not frozen_prefix:
-        return ((x2 @ lora_A.t()) * prefix) @ lora_B.t()
-    # Frozen prefix: the value uses every slot < b_m, the gradient to A/B flows through slot b_m-1 only.
-    A_frozen, B_frozen = lora_A.detach(), lora_B.detach()
-    u_frozen = x2 @ A_frozen.t()
-    u_trained = x2 @ lora_A.t()
-    value = (u_frozen * prefix) @ B_frozen.t()
-    # Add the trained path and subtract its frozen twin: zero in value, the one-hot gradient in A and B.
-    trained_path = (u_trained * trained) @ lora_B.t() - (u_frozen * trained) @ B_frozen.t()
-    return value + trained_path
+        term = torch.where(used, x2 @ A.t(), zero) @ B.t()
+    else:
+        # The value uses every slot < b_m; the gradient to A/B flows through slot b_m-1 only: add the
+        # trained path and subtract its frozen twin (zero in value, the one-hot gradient in A and B).
+        A_frozen, B_frozen = A.detach(), B.detach()
+        u_frozen = x2 @ A_frozen.t()
+        value = torch.where(used, u_frozen, zero) @ B_frozen.t()
+        trained_path = (torch.where(trained, x2 @ A.t(), zero) @ B.t()
+                        - torch.where(trained, u_frozen, zero) @ B_frozen.t())
+        term = value + trained_path
+    return (term * scale).view(*x.shape[:-1], B.shape[0])

@@ -49,7 +49,7 @@ def test_from_linear_shares_and_freezes_the_weight():
 
 @pytest.mark.parametrize("r_max,alpha,error", [(0, 1.0, "r_max must be an int >= 1, got 0"),
                                                (2.0, 1.0, "r_max must be an int >= 1, got 2.0"),
-                                               (4, float("nan"), "alpha must be a finite number")])
+                                               (4, float("nan"), "alpha must be a finite real number")])
 def test_bad_construction(r_max, alpha, error):
     with pytest.raises(ValueError, match=error):
         DyLoRALinear(4, 4, r_max=r_max, alpha=alpha)
@@ -167,9 +167,42 @@ def test_rank_may_change_between_forward_and_backward():
     assert torch.equal(layer.lora_A.grad, expected)
 
 
-def test_alpha_accepts_numpy_scalars_and_refuses_tensors():
+def test_alpha_and_r_max_accept_what_wrappers_hold():
     import numpy as np
 
     assert DyLoRALinear(4, 4, r_max=2, alpha=np.float32(2.0)).alpha == 2.0
-    with pytest.raises(ValueError, match="alpha must be a finite number"):
-        DyLoRALinear(4, 4, r_max=2, alpha=torch.tensor(2.0))
+    assert DyLoRALinear(4, 4, r_max=2, alpha=torch.tensor(2.0)).alpha == 2.0  # a CPU tensor (LyCORIS's buffer)
+    assert DyLoRALinear(4, 4, r_max=np.int64(3), alpha=1.0).r_max == 3
+    with pytest.raises(TypeError, match="alpha is a tensor on meta: reading it would synchronise"):
+        DyLoRALinear(4, 4, r_max=2, alpha=torch.tensor(2.0, device="meta"))
+    with pytest.raises(TypeError, match="frozen_prefix must be a bool, got str"):
+        DyLoRALinear(4, 4, r_max=2, alpha=1.0, frozen_prefix="no")
+
+
+def test_rank_buffer_keeps_one_dtype():
+    """A narrow rank dtype never becomes the buffer's: set_rank(uint8) then set_rank(300) works."""
+    layer = DyLoRALinear(4, 4, r_max=300, alpha=1.0)
+    layer.set_rank(torch.tensor(5, dtype=torch.uint8))
+    assert layer._rank.dtype == torch.int64 and layer.rank == 5
+    layer.set_rank(300)
+    assert layer.rank == 300
+    layer.set_rank(torch.tensor([7, 250], dtype=torch.uint8))
+    assert layer._rank.dtype == torch.int64 and layer.rank.tolist() == [7, 250]
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5), (4, 0)], ids=["empty-batch", "empty-seq", "K=0"])
+def test_empty_inputs(shape):
+    """An empty batch with a per-sample rank, an empty sequence, and K = 0 (y = bias) all work."""
+    K = shape[-1]
+    layer = randomised(DyLoRALinear(K, 6, r_max=4, alpha=2.0))
+    if shape[0] == 0:
+        layer.set_rank(torch.zeros(0, dtype=torch.long))
+    elif len(shape) == 3:
+        layer.set_rank(torch.tensor([1, 3]))
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 6)
+    expected = layer.bias.expand(*shape[:-1], 6) if K == 0 else nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert x.grad.shape == x.shape

@@ -77,20 +77,29 @@ def test_gradcheck_float64_cpp():
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("per_row", [False, True], ids=["one-rank", "per-row"])
 def test_opcheck(backend, per_row):
+    """torch.library.opcheck on the three ops: the linear op (with a weight, and as the delta op with a
+    base), forward (with and without u) and backward (every combination of outputs)."""
     device = device_of(backend)
     dtype = torch.float32
     inputs = make_inputs((13, 24), 20, 6, True, "contiguous", dtype, device)
     rank = torch.tensor([1, 6, 3] * 4 + [2], device=device) if per_row else torch.tensor(4, device=device)
     x, W, bias, A, B = (inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+    base = torch.randn(13, 20, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_(True)
     for t in (x, A, B):
         t.requires_grad_(True)
     for frozen_prefix in (False, True):
-        torch.library.opcheck(torch.ops.dylora.forward.default,
-                              (x, W, bias, A, B, rank, 2.0, frozen_prefix, backend))
-    y, u = torch.ops.dylora.forward(x, W, bias, A, B, rank, 2.0, False, backend)
+        torch.library.opcheck(torch.ops.dylora.linear.default,
+                              (x, W, bias, None, A, B, rank, 2.0, frozen_prefix, backend))
+        torch.library.opcheck(torch.ops.dylora.linear.default,
+                              (x, None, None, base, A, B, rank, 2.0, frozen_prefix, backend))
+    # forward and backward are the linear op's internal kernels (its autograd calls them): no autograd.
+    x, A, B = x.detach(), A.detach(), B.detach()
+    for need_u in (False, True):
+        torch.library.opcheck(torch.ops.dylora.forward.default, (x, W, bias, None, A, B, rank, 2.0, need_u, backend))
+    y, u = torch.ops.dylora.forward(x, W, bias, None, A, B, rank, 2.0, True, backend)
     g = torch.randn_like(y)
     for frozen_prefix in (False, True):
-        for compute_dx in (False, True):
+        for compute_dx, compute_lora in ((False, True), (True, False), (True, True)):
             torch.library.opcheck(torch.ops.dylora.backward.default,
-                                  (g, x.detach(), W, A.detach(), B.detach(), u.detach(), rank, 2.0, frozen_prefix,
-                                   compute_dx, backend))
+                                  (g, x, W, A, B, u, rank, 2.0, frozen_prefix,
+                                   compute_dx, compute_lora, backend))

@@ -36,8 +36,8 @@ def random_inputs(M, K, N, r_max, dtype, device=DEVICE, bias=True, seed=0):
 def ops_run(inputs, rank, frozen_prefix, grad_out):
     """y, dx, dA, dB from the two ops called directly (the operands keep whatever strides they have)."""
     x, W, bias, A, B = (inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B"))
-    y, u = torch.ops.dylora.forward(x, W, bias, A, B, rank, ALPHA, frozen_prefix, "triton")
-    dx, dA, dB = torch.ops.dylora.backward(grad_out, x, W, A, B, u, rank, ALPHA, frozen_prefix, True, "triton")
+    y, u = torch.ops.dylora.forward(x, W, bias, None, A, B, rank, ALPHA, True, "triton")
+    dx, dA, dB = torch.ops.dylora.backward(grad_out, x, W, A, B, u, rank, ALPHA, frozen_prefix, True, True, "triton")
     return y, dx, dA, dB
 
 

@@ -1,0 +1,188 @@
+"""The Python kernels of ``dylora::forward`` and ``dylora::backward``: every CUDA call, and CPU calls
+that name a Triton backend (CI runs those in Triton's interpreter, ``TRITON_INTERPRET=1``).
+
+Each call picks one implementation among
+
+    "cublas"          the ATen composition of the C++ extension (dylora_kernels._C) on cuBLAS
+    "triton"          the fused Triton kernels (pointer tiles; every GPU and the interpreter)
+    "triton-<v>"      other Triton variants where they apply (e.g. "triton-tma" on sm_90+,
+                      "triton-decode" for M ≤ 16), as ``dylora_kernels.triton.variants`` lists them
+
+and for the backward also the pairs "<dx>/<lora>" (dx from one, dA and dB from another). With
+``backend="auto"`` the choice is measured on the first call per key (dispatch.py) and remembered;
+a named backend restricts the choice to itself (``"triton"``: to the Triton variants). The key is
+everything that changes which one is fastest and nothing that changes per call: the op, device,
+dtypes, which optional operands are present, per-row vs shared rank, where the rank lives, the mode,
+M rounded up to a power of two, N, K, r_max, and whether the operands suit TMA. After the first call
+for a key the cost of choosing is one dictionary lookup.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .dispatch import DISPATCHER, forced_family, in_family
+
+try:  # the ATen composition; absent when the C++ extension did not build (then Triton only)
+    from . import _C
+except ImportError:  # pragma: no cover - exercised by the no-extension test in a subprocess
+    _C = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton():
+    """The Triton backend module, or None when triton is not installed."""
+    try:
+        return importlib.import_module("dylora_kernels.triton")
+    except ImportError:
+        return None
+
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # found without importing it
+
+
+def triton_available(device: torch.device) -> bool:
+    return _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+_DEVICE_RANKS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _rank_on(rank: Tensor, device: torch.device) -> Tensor:
+    """The rank as a tensor on ``device``: a 0-d CPU rank (a host value, e.g. a Python int the caller
+    passed) becomes one cached device tensor per value, so no copy is made per call."""
+    if rank.device == device:
+        return rank
+    key = (int(rank), device)
+    cached = _DEVICE_RANKS.get(key)
+    if cached is None:
+        cached = _DEVICE_RANKS[key] = rank.to(device, torch.int64)
+    return cached
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _tma_ready(t: Tensor | None) -> bool:
+    """Unit last stride and 16-byte aligned base and row stride (what a TMA descriptor needs)."""
+    return t is None or (t.stride(-1) == 1 and not (t.data_ptr() | t.stride(0) * t.element_size()) & 15)
+
+
+def _layout(*tensors: Tensor | None) -> tuple[bool, ...]:
+    return tuple(_tma_ready(t) for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------
+def _triton_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant):
+    return _triton().forward(x, weight, bias, base, lora_A, lora_B, _rank_on(rank, x.device), alpha, need_u,
+                             variant=variant)
+
+
+def _triton_backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
+                     variant):
+    return _triton().backward(grad, x, weight, lora_A, lora_B, u, _rank_on(rank, x.device), alpha, frozen_prefix,
+                              compute_dx, compute_lora, variant=variant)
+
+
+def _implementations(op: str, x: Tensor, weight, lora_A, lora_B, backend: str) -> dict[str, Callable]:
+    """name -> kernel for ``op`` ("forward" / "backward") on these operands, restricted by ``backend``
+    (or, for "auto", by DYLORA_DISPATCH). The cuBLAS composition comes first (the capture default)."""
+    family = forced_family() if backend == "auto" else backend
+    found: dict[str, Callable] = {}
+    if x.is_cuda and _C is not None and in_family("cublas", family):
+        found["cublas"] = _C.forward if op == "forward" else _C.backward
+    if triton_available(x.device) and (family == "auto" or family.startswith("triton")):
+        kernel = _triton_forward if op == "forward" else _triton_backward
+        for variant in _triton().variants(op, x, weight, lora_A, lora_B):
+            name = "triton" if variant == "pointer" else f"triton-{variant}"
+            if name == family or (in_family(name, family) and (x.is_cuda or variant == "pointer")):
+                found[name] = functools.partial(kernel, variant=variant)
+        if op == "backward" and family.startswith("triton-") and not found:
+            found["triton"] = functools.partial(kernel, variant="pointer")  # e.g. "triton-decode": forward only
+    if not found:
+        raise ValueError(f"backend={backend!r} (DYLORA_DISPATCH={forced_family()!r}) has no {op} kernel for "
+                         f"{x.dtype} tensors on {x.device} here (is the C++ extension built? is triton installed?)")
+    return found
+
+
+def _pairs(kernels: dict[str, Callable]) -> dict[str, Callable]:
+    """Backward candidates: each kernel alone (v = g·B shared by dx and dA/dB), and each pair from two
+    families "<dx kernel>/<lora kernel>" (dx from the first, dA and dB from the second)."""
+    candidates = dict(kernels)
+    family = lambda name: name.split("-")[0]
+    for dx_name, dx_kernel in kernels.items():
+        for lora_name, lora_kernel in kernels.items():
+            if family(dx_name) != family(lora_name) and lora_name == family(lora_name):
+                candidates[f"{dx_name}/{lora_name}"] = functools.partial(_pair, dx_kernel, lora_kernel)
+    return candidates
+
+
+def _pair(dx_kernel, lora_kernel, grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
+          compute_lora):
+    dx = dx_kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, True, False)[0]
+    _, dA, dB = lora_kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, False, True)
+    return dx, dA, dB
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels registered for dylora::forward / dylora::backward (CUDA key)
+# ---------------------------------------------------------------------------------------------
+_CHOSEN: dict[tuple, Callable] = {}
+
+
+def _choose(key: tuple, candidates: dict[str, Callable], args: tuple, device: torch.device) -> Callable:
+    if len(candidates) > 1 and device.type == "cuda":
+        portable = tuple(k for k in key if not isinstance(k, torch.device))  # the GPU's name stands for it
+        runs = {name: functools.partial(kernel, *args) for name, kernel in candidates.items()}
+        name = DISPATCHER.choose(_device_name(device), portable, runs)
+    else:
+        name = next(iter(candidates))  # one candidate, or the interpreter: nothing worth timing
+    kernel = _CHOSEN[key] = candidates[name]
+    return kernel
+
+
+def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend):
+    """(y, u) for dylora::forward on CUDA tensors (or CPU tensors in the Triton interpreter)."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    key = ("forward", backend, x.device, x.dtype, lora_A.dtype, weight is None, bias is None, base is None,
+           rank.dim(), rank.device.type, _bucket(M), N, K, R, *_layout(x, weight, base, lora_A, lora_B))
+    kernel = _CHOSEN.get(key)
+    args = (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
+    if kernel is None:
+        kernel = _choose(key, _implementations("forward", x, weight, lora_A, lora_B, backend), args, x.device)
+    return kernel(*args)
+
+
+def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora, backend):
+    """(dx, dA, dB) for dylora::backward on CUDA tensors (or CPU tensors in the Triton interpreter)."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    key = ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.device.type,
+           frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, *_layout(grad, x, weight, lora_A, lora_B))
+    kernel = _CHOSEN.get(key)
+    args = (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora)
+    if kernel is None:
+        candidates = _implementations("backward", x, weight, lora_A, lora_B, backend)
+        if compute_dx and compute_lora:
+            candidates = _pairs(candidates)
+        kernel = _choose(key, candidates, args, x.device)
+    return kernel(*args)
