@@ -396,8 +396,11 @@ std::tuple<Tensor, Tensor, Tensor> call_backward(const Tensor& grad, const Tenso
                  compute_lora, backend);
 }
 
-// (..., K) -> (M, K) and (..., N) -> (M, N): views whenever the layout allows.
-Tensor rows(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
+// (..., K) -> (M, K) and (..., N) -> (M, N): views whenever the layout allows (K = 0 included).
+Tensor rows(const Tensor& t) {
+  if (t.dim() == 2) return t;
+  return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2);
+}
 
 optional<Tensor> rows(const optional<Tensor>& t) {
   return t.has_value() ? optional<Tensor>(rows(*t)) : std::nullopt;

@@ -67,7 +67,8 @@ def _per_row_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank: Tensor, alpha
     width = int(rank.max()) if rows else 0
     A, B = lora_A[:width], lora_B[:, :width]
     used, trained = rank_masks(rank, width, frozen_prefix)
-    scale = (alpha / rank.reshape(-1, 1).to(x.dtype))  # applied to each row of the product, last
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # alpha/b_m need not fit x's dtype
+    scale = alpha / rank.reshape(-1, 1).to(wide)  # applied to each row of the product, last
     zero = x.new_zeros(())
     if not frozen_prefix:
         term = torch.where(used, x2 @ A.t(), zero) @ B.t()
@@ -80,4 +81,4 @@ def _per_row_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank: Tensor, alpha
         trained_path = (torch.where(trained, x2 @ A.t(), zero) @ B.t()
                         - torch.where(trained, u_frozen, zero) @ B_frozen.t())
         term = value + trained_path
-    return (term * scale).view(*x.shape[:-1], B.shape[0])
+    return (term.to(wide) * scale).to(x.dtype).view(*x.shape[:-1], B.shape[0])
