@@ -22,12 +22,24 @@ CUDA = torch.cuda.is_available()
 HAS_TRITON = (importlib.util.find_spec("triton") is not None
               and importlib.util.find_spec("dylora_kernels.triton") is not None
               and (CUDA or os.environ.get("TRITON_INTERPRET") == "1"))
+HAS_EXTENSION = dylora_kernels.ops._C is not None
+if not HAS_EXTENSION and os.environ.get("DYLORA_ALLOW_NO_EXTENSION") != "1":
+    # A failed build must fail the suite, not skip the C++ tests (bench/gpu_check.sh sets this variable
+    # when it goes on without the extension on purpose).
+    raise RuntimeError(f"the C++ extension dylora_kernels._C did not import ({dylora_kernels.ops._C_ERROR}); "
+                       "build it with `pip install --no-build-isolation -e .`")
 
 # backend -> (device, dtypes). The interpreter is slow: Triton tests on CPU use small shapes.
-BACKENDS = {"cpp": ("cpu", (torch.float32, torch.float64, torch.bfloat16))}
+BACKENDS = {}
+if HAS_EXTENSION:
+    BACKENDS["cpp"] = ("cpu", (torch.float32, torch.float64, torch.bfloat16))
+if HAS_EXTENSION and CUDA:  # the same ATen composition on cuBLAS, with the rank read on the device
+    BACKENDS["cublas"] = ("cuda", (torch.float32, torch.float64, torch.bfloat16, torch.float16))
 if HAS_TRITON:
     BACKENDS["triton"] = (("cuda", (torch.float32, torch.float16, torch.bfloat16)) if CUDA
                           else ("cpu", (torch.float32, torch.float16)))
+if CUDA and (HAS_TRITON or HAS_EXTENSION):  # whatever the dispatcher measures fastest, per shape
+    BACKENDS["auto"] = ("cuda", (torch.float32, torch.float16, torch.bfloat16))
 
 
 def tolerance(backend: str, dtype: torch.dtype) -> float:
@@ -35,7 +47,7 @@ def tolerance(backend: str, dtype: torch.dtype) -> float:
     if dtype == torch.float64:
         return 1e-12
     if dtype == torch.float32:
-        return 2e-3 if (backend == "triton" and CUDA) else 1e-5  # tf32 dots on the GPU
+        return 2e-3 if (backend in ("triton", "auto") and CUDA) else 1e-5  # tf32 dots in Triton on the GPU
     return 1e-2
 
 

@@ -1,0 +1,100 @@
+"""CUDA-only checks of the dispatch layer (skipped without a GPU): the router measures the candidates
+once per key and remembers the choice across processes; CUDA-graph capture after a warm-up uses the
+remembered choice and replays correctly after the rank changes in place; and the host time of one
+enqueued forward. The shared suites (test_ops, test_wrappers, test_reliability) run every CUDA backend
+("cublas", "triton", "auto") through conftest.BACKENDS."""
+import time
+
+import pytest
+import torch
+
+import dylora_kernels
+from dylora_kernels import backends, dispatch
+from conftest import CUDA, make_inputs, per_row_ranks, reference_run, rel_err
+
+pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+ALPHA = 2.0
+
+
+@pytest.fixture
+def fresh_dispatcher(monkeypatch, tmp_path):
+    d = dispatch.Dispatcher(cache_dir=tmp_path)
+    monkeypatch.setattr(backends, "DISPATCHER", d)
+    monkeypatch.setattr(backends, "_CHOSEN", {})
+    return d
+
+
+def test_auto_measures_once_per_key_and_remembers(fresh_dispatcher, tmp_path, monkeypatch):
+    t = make_inputs((300, 256), 200, 16, True, "contiguous", torch.bfloat16, "cuda")
+    call = lambda: dylora_kernels.dylora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"],
+                                                torch.tensor(8, device="cuda"), ALPHA)
+    start = time.perf_counter()
+    first = call()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
+    assert len(fresh_dispatcher.timings) == 1, "the first call measures the forward candidates once"
+    (times,) = fresh_dispatcher.timings.values()
+    assert {"cublas", "triton"} <= set(times)
+    assert torch.equal(call(), first) and len(fresh_dispatcher.timings) == 1
+    print(f"first call with measurement: {first_s:.2f} s; timings {times}")
+    # A new process: a new dispatcher on the same cache directory measures nothing.
+    again = dispatch.Dispatcher(cache_dir=tmp_path)
+    monkeypatch.setattr(backends, "DISPATCHER", again)
+    monkeypatch.setattr(backends, "_CHOSEN", {})
+    assert torch.equal(call(), first) and again.timings == {}
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-rank", "per-row"])
+@pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
+def test_graph_capture_after_warm_up(fresh_dispatcher, per_row, frozen_prefix):
+    """Warm up eagerly (the dispatcher decides), capture forward + backward with backend="auto", then
+    change the rank tensor in place: each replay matches float64."""
+    M, K, N, r_max = 130, 96, 80, 24
+    inputs = make_inputs((M, K), N, r_max, True, "contiguous", torch.float32, "cuda")
+    g = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).cuda()
+    rank = (per_row_ranks(M, r_max) if per_row else torch.tensor(r_max)).cuda()
+    leaves = {k: v.clone().requires_grad_(k in ("x", "lora_A", "lora_B")) for k, v in inputs.items()}
+
+    def step():
+        for k in ("x", "lora_A", "lora_B"):
+            leaves[k].grad = None
+        y = dylora_kernels.dylora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
+                                         leaves["lora_B"], rank, ALPHA, frozen_prefix=frozen_prefix)
+        y.backward(g)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    for seed, b in enumerate((1, 7, r_max)):
+        rank.copy_(per_row_ranks(M, b, seed=seed) if per_row else torch.tensor(b))
+        graph.replay()
+        torch.cuda.synchronize()
+        ours = (y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad)
+        ref = reference_run(inputs, rank, ALPHA, frozen_prefix, g)
+        for name, out, expected in zip(("y", "dx", "dA", "dB"), ours, ref):
+            assert rel_err(out.cpu(), expected) <= 2e-3, name
+
+
+def test_host_time_of_one_forward(fresh_dispatcher):
+    """Reported, not asserted here (bench_gpu.py prints it beside the targets): µs to enqueue one
+    M = 1 forward with a 0-d device rank, no sync, after warm-up."""
+    t = make_inputs((1, 4096), 4096, 64, False, "contiguous", torch.bfloat16, "cuda")
+    rank = torch.tensor(32, device="cuda")
+    for backend in ("auto", "cublas", "triton"):
+        call = lambda: dylora_kernels.dylora_linear(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], rank, ALPHA,
+                                                    backend=backend)
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            call()
+        host_us = (time.perf_counter() - start) / 200 * 1e6
+        torch.cuda.synchronize()
+        print(f"{backend}: {host_us:.1f} µs host per forward")
