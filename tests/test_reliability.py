@@ -238,3 +238,11 @@ def test_randomized_differential(backend):
         slots = torch.arange(r_max)
         trained = ((slots == b[:, None] - 1) if case["frozen_prefix"] else (slots < b[:, None])).any(0)
         assert (ours[2].cpu()[~trained] == 0).all() and (ours[3].cpu()[:, ~trained] == 0).all(), (i, case)
+
+
+def test_reference_per_row_rank_with_k_zero():
+    """K = 0 with one rank per row: y = bias (the reference used to fail in x.reshape(-1, 0))."""
+    x, W, bias = torch.randn(2, 3, 0), torch.randn(4, 0), torch.randn(4)
+    A, B = torch.randn(2, 0), torch.randn(4, 2)
+    y = reference.dylora_linear(x, W, bias, A, B, torch.tensor([1, 2, 2, 1, 1, 2]), 2.0)
+    assert torch.equal(y, bias.expand(2, 3, 4))
