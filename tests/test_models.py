@@ -12,13 +12,11 @@ from torch import nn
 
 from dylora_kernels import (DyLoRALinear, MergedLinear, RankSampler, evaluate_ranks, export_peft,
                             freeze_untrained_slots, inject, load_peft, merge, set_rank, unmerge)
-from conftest import rel_err
+from conftest import TINY, mlp, randomise, rel_err
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, max_position_embeddings=64)
 TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
 
@@ -36,21 +34,6 @@ def hf_batch(n=3, seq=7):
     g = torch.Generator().manual_seed(1)
     return {"input_ids": torch.randint(2, 100, (n, seq), generator=g),
             "attention_mask": torch.ones(n, seq, dtype=torch.long)}
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
-
-
-def randomise(model: nn.Module, seed=0) -> nn.Module:
-    """Random lora_B everywhere (LoRA's zero init would hide the low-rank path)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, DyLoRALinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
-    return model
 
 
 def dylora(model, targets, r_max=6, alpha=12.0, **kw):
