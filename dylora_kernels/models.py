@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -94,14 +95,22 @@ def set_rank(model: nn.Module, rank: int | Tensor) -> None:
 
 
 class RankSampler:
-    """Draws the training rank: ``step()`` picks b uniformly in [r_min, r_max], sets it, returns it.
+    """Draws the training rank: ``step(i)`` picks b uniformly in [r_min, r_max], sets it, returns it.
 
-    One draw per call shared by every layer (the DyLoRA recipe: call it once per optimizer step),
-    or with ``per_layer=True`` one draw per layer (``step()`` then returns the list, in module
-    order). ``r_max`` defaults to the smallest r_max of the model's layers. ``generator`` is a
-    torch.Generator, an int seed, or None (seeded from ``torch.initial_seed()``); draws come from
-    it alone, so processes given the same seed (data-parallel replicas) draw the same ranks. The
-    layers' rank buffers are filled in place, so a compiled model is not recompiled.
+    Rank per optimizer step, not per forward: the draw for step ``i`` is a function of the seed and
+    ``i`` alone. Pass the optimizer-step index (e.g. Trainer's ``state.global_step``) and every
+    micro-batch of that step (gradient accumulation) and every data-parallel process gets the same
+    b, with no communication, and a run resumed at step i draws what the uninterrupted run drew.
+    ``step()`` without an index uses an internal counter (the step after the last one drawn): call
+    it once per optimizer step. One draw shared by every layer (the DyLoRA recipe), or with
+    ``per_layer=True`` one draw per layer (``step()`` then returns the list, in module order).
+
+    ``r_max`` defaults to the smallest r_max of the model's layers. ``generator``: an int seed >= 0,
+    a torch.Generator (its ``initial_seed()``) or None (``torch.initial_seed()``). When
+    torch.distributed is initialised, the constructor is a collective (one all_gather, so build the
+    sampler on every process): with ``generator=None`` every process takes process 0's seed; an
+    explicit seed must be the same on every process, else ValueError. The layers' rank buffers are
+    filled in place, so a compiled model is not recompiled.
     """
 
     def __init__(self, model: nn.Module, r_min: int = 1, r_max: int | None = None,
@@ -112,17 +121,46 @@ class RankSampler:
         if not 1 <= r_min <= r_max <= capacity:
             raise ValueError(f"RankSampler needs 1 <= r_min <= r_max <= {capacity} (the smallest "
                              f"r_max of the model's layers), got r_min={r_min}, r_max={r_max}")
-        if not isinstance(generator, torch.Generator):
+        if isinstance(generator, torch.Generator):
+            seed = generator.initial_seed()
+        else:
             seed = torch.initial_seed() if generator is None else generator
-            generator = torch.Generator().manual_seed(seed)
-        self.r_min, self.r_max, self.generator, self.per_layer = r_min, r_max, generator, per_layer
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"RankSampler: generator must be an int seed >= 0, a torch.Generator or "
+                             f"None, got {generator!r}")
+        self.seed = _same_seed_on_every_process(seed, explicit=generator is not None)
+        self.r_min, self.r_max, self.per_layer = r_min, r_max, per_layer
+        self.next_step = 0
 
-    def step(self) -> int | list[int]:
-        draws = torch.randint(self.r_min, self.r_max + 1, (len(self.layers) if self.per_layer else 1,),
-                              generator=self.generator).tolist()
-        for i, layer in enumerate(self.layers):
-            layer.set_rank(draws[i if self.per_layer else 0])
+    def draw(self, step: int) -> int | list[int]:
+        """The rank(s) for optimizer step ``step``, without setting them (the same on every call)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"RankSampler: step must be the optimizer-step index, an int >= 0, got {step!r}")
+        rng = np.random.default_rng([self.seed, step])  # SeedSequence: independent streams per (seed, step)
+        draws = rng.integers(self.r_min, self.r_max + 1, len(self.layers) if self.per_layer else 1).tolist()
         return draws if self.per_layer else draws[0]
+
+    def step(self, step: int | None = None) -> int | list[int]:
+        """Set (and return) the rank(s) of optimizer step ``step``, or of the next step if None."""
+        step = self.next_step if step is None else step
+        draws = self.draw(step)
+        for i, layer in enumerate(self.layers):
+            layer.set_rank(draws[i] if self.per_layer else draws)
+        self.next_step = step + 1
+        return draws
+
+
+def _same_seed_on_every_process(seed: int, explicit: bool) -> int:
+    """``seed`` as agreed by every process of torch.distributed's default group (unchanged outside one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return seed
+    seeds = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seeds, seed)
+    if explicit and len(set(seeds)) > 1:
+        raise ValueError(f"RankSampler: the processes were given different seeds {seeds} (one per "
+                         "process); every process must draw the same rank at each step: pass the same "
+                         "generator=<int> on every process, or None to use process 0's seed")
+    return seeds[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,6 +121,25 @@ def test_rank_sampler_same_seed_same_ranks_across_processes():
     assert other.stdout == f"{[sampler.step() for _ in range(30)]}\n"
 
 
+def test_rank_sampler_draws_per_optimizer_step_index():
+    model = dylora(mlp(), ["0", "2"], r_max=6)
+    sampler = RankSampler(model, generator=4)
+    sequential = [sampler.step() for _ in range(30)]
+    assert sequential == [sampler.draw(i) for i in range(30)] and set(sequential) == set(range(1, 7))
+    assert [sampler.step(7) for _ in range(3)] == [sequential[7]] * 3  # every micro-batch of step 7: one b
+    assert sampler.step() == sequential[8]  # without an index: the step after the last one drawn
+    resumed = RankSampler(model, generator=torch.Generator().manual_seed(4))  # e.g. from a checkpoint
+    assert resumed.step(20) == sequential[20] and [m.rank for m in layers(model)] == [sequential[20]] * 2
+    assert [RankSampler(model, generator=5).draw(i) for i in range(30)] != sequential
+    per_layer = RankSampler(model, generator=4, per_layer=True)
+    assert per_layer.step(3) == per_layer.draw(3) == [m.rank for m in layers(model)]
+    for step in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="step must be the optimizer-step index, an int >= 0"):
+            sampler.step(step)
+    with pytest.raises(ValueError, match="generator must be an int seed >= 0"):
+        RankSampler(model, generator=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate_ranks
 # ---------------------------------------------------------------------------------------------
