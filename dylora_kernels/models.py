@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .nn import DyLoRALinear
 from .ops import check_rank, intermediate_dtype
@@ -46,6 +47,29 @@ def _layers(model: nn.Module) -> list[tuple[str, DyLoRALinear]]:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no DyLoRALinear layers: call inject() first "
                          "(or unmerge() a merged model)")
+    return layers
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, whose attribute names would otherwise prefix every module name."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _unsharded_layers(model: nn.Module, caller: str) -> list[tuple[str, DyLoRALinear]]:
+    layers = _layers(model)
+    sharded = [name for name, layer in layers if isinstance(layer.lora_A, DTensor)]
+    if sharded:
+        raise ValueError(f"{caller}: layer {sharded[0]} is sharded (FSDP2 fully_shard); gather the full "
+                         "weights first: torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                         "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every process, "
+                         f"load it into an unsharded copy of the model on process 0 and call {caller} on that")
     return layers
 
 
@@ -259,7 +283,7 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
     replaced by a MergedLinear (a plain nn.Linear forward: the adapter is not added again), which
     unmerge() takes back out. Returns the merged module names.
     """
-    layers = _layers(model)
+    layers = _unsharded_layers(model, "merge")
     for name, adapter in layers:  # check every layer before changing any rank or weight
         b = adapter.rank if rank is None else rank
         if isinstance(b, bool) or not isinstance(b, int):
@@ -306,6 +330,15 @@ def _trained_slots(layer: DyLoRALinear) -> Tensor:
     return trained.ne(0).any(0)
 
 
+def _shaped_like(mask: Tensor, p: Tensor) -> Tensor:
+    """``mask`` broadcast to ``p``'s shape and, for a DTensor (FSDP2's sharded parameters and their
+    optimizer state), sharded as ``p`` is: each process takes its own chunk, no communication."""
+    mask = mask.expand(p.shape)
+    if isinstance(p, DTensor):
+        mask = distribute_tensor(mask.contiguous(), p.device_mesh, p.placements, src_data_rank=None)
+    return mask
+
+
 def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -> _Hooks:
     """Make ``optimizer.step()`` leave every rank slot the current rank does not train untouched.
 
@@ -317,9 +350,15 @@ def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -
     is per tensor, as in SparseAdam. In full mode the trained slots are those < b. Each layer uses
     its own rank(s), so per-layer and per-row ranks work. Set the rank before ``step()`` and keep
     it until after (RankSampler does). Works through optimizer step hooks, so LR schedulers,
-    gradient clipping and trainers keep the optimizer object. Returns a handle with ``remove()``.
+    gradient clipping and trainers keep the optimizer object; a wrapper that keeps the torch optimizer
+    in ``.optimizer`` (accelerate's, as the Trainer uses) gets the hooks on that one. Parameters
+    sharded by FSDP2 (``fully_shard``) work too. Returns a handle with ``remove()``.
     """
     layers = [layer for _, layer in _layers(model)]
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the one that steps
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"freeze_untrained_slots needs a torch.optim.Optimizer (or a wrapper holding one in "
+                        f".optimizer, as accelerate's), got {type(optimizer).__name__}")
     saved = []
 
     def snapshot(opt, args, kwargs):
@@ -327,6 +366,7 @@ def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -
         for layer in layers:
             slots = _trained_slots(layer)
             for p, keep in ((layer.lora_A, slots[:, None]), (layer.lora_B, slots[None, :])):
+                keep = _shaped_like(keep, p)
                 state = [v for v in opt.state.get(p, {}).values()
                          if isinstance(v, Tensor) and v.shape == p.shape]
                 saved.append((p, keep, [(t, t.clone()) for t in (p.detach(), *state)]))
@@ -342,8 +382,7 @@ def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -
                     t.masked_fill_(~keep, 0)
         saved.clear()
 
-    return _Hooks(optimizer.register_step_pre_hook(snapshot),
-                  optimizer.register_step_post_hook(restore))
+    return _Hooks(inner.register_step_pre_hook(snapshot), inner.register_step_post_hook(restore))
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,9 +413,11 @@ def export_peft(model: nn.Module, path: str | Path, rank: int | None) -> Path:
     then computes what this model computes at rank b. ``rank=None`` exports each layer at its
     current (int) rank, e.g. ranks picked per layer; layers whose rank or alpha differ from the
     first layer's get PEFT's rank_pattern / alpha_pattern. Only the adapters are written: other
-    trainable parameters (a new head) are not.
+    trainable parameters (a new head) are not. A model wrapped in DistributedDataParallel or
+    torch.compile is unwrapped first, so the names are the same as for the plain model.
     """
-    layers = _layers(model)
+    model = _unwrapped(model)
+    layers = _unsharded_layers(model, "export_peft")
     ranks = {name: layer.rank if rank is None else rank for name, layer in layers}
     for name, layer in layers:
         if not isinstance(ranks[name], int) or not 1 <= ranks[name] <= layer.r_max:

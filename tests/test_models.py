@@ -5,6 +5,7 @@ import copy
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -327,6 +328,21 @@ def test_freeze_untrained_slots_trains_like_adamw_on_the_trained_slot():
         assert torch.equal(A[b - 1], gA[b - 1]) and torch.equal(B[:, b - 1], gB[:, b - 1])
 
 
+def test_freeze_untrained_slots_hooks_the_optimizer_inside_a_wrapper():
+    model = dylora(mlp(), ["0"], r_max=4)
+    optimizer = torch.optim.AdamW([model[0].lora_A, model[0].lora_B], lr=0.1, weight_decay=0.1)
+    freeze_untrained_slots(types.SimpleNamespace(optimizer=optimizer), model)  # as accelerate's wrapper
+    set_rank(model, 2)
+    A, B = model[0].lora_A.detach().clone(), model[0].lora_B.detach().clone()
+    model(torch.randn(3, 12)).square().sum().backward()
+    optimizer.step()
+    other = torch.arange(4) != 1
+    assert torch.equal(model[0].lora_A[other], A[other]) and torch.equal(model[0].lora_B[:, other], B[:, other])
+    assert not torch.equal(model[0].lora_A[1], A[1])
+    with pytest.raises(TypeError, match="needs a torch.optim.Optimizer .* got object"):
+        freeze_untrained_slots(object(), model)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +425,14 @@ def test_export_peft_per_layer_ranks_and_alphas_round_trip(tmp_path):
         assert rel_err(base(**batch).last_hidden_state, ours) <= 1e-5
     with pytest.raises(ValueError, match="needs an int rank in"):
         export_peft(model, tmp_path, rank=7)
+
+
+def test_export_peft_unwraps_data_parallel_and_compiled_models(tmp_path):
+    model = dylora(mlp(), ["0", "2"])
+    export_peft(model, tmp_path / "plain", rank=2)
+    export_peft(nn.DataParallel(torch.compile(model)), tmp_path / "wrapped", rank=2)  # names: "module._orig_mod.0"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "wrapped" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
