@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .nn import DyLoRALinear
 from .ops import check_rank, intermediate_dtype
@@ -62,9 +62,16 @@ def _unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
+def _is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (as FSDP2 shards parameters). torch.distributed.tensor is slow to
+    import and a DTensor cannot exist before it is, so it is looked up, not imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def _unsharded_layers(model: nn.Module, caller: str) -> list[tuple[str, DyLoRALinear]]:
     layers = _layers(model)
-    sharded = [name for name, layer in layers if isinstance(layer.lora_A, DTensor)]
+    sharded = [name for name, layer in layers if _is_sharded(layer.lora_A)]
     if sharded:
         raise ValueError(f"{caller}: layer {sharded[0]} is sharded (FSDP2 fully_shard); gather the full "
                          "weights first: torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
@@ -334,7 +341,8 @@ def _shaped_like(mask: Tensor, p: Tensor) -> Tensor:
     """``mask`` broadcast to ``p``'s shape and, for a DTensor (FSDP2's sharded parameters and their
     optimizer state), sharded as ``p`` is: each process takes its own chunk, no communication."""
     mask = mask.expand(p.shape)
-    if isinstance(p, DTensor):
+    if _is_sharded(p):
+        from torch.distributed.tensor import distribute_tensor
         mask = distribute_tensor(mask.contiguous(), p.device_mesh, p.placements, src_data_rank=None)
     return mask
 
