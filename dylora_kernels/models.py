@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +47,36 @@ def _layers(model: nn.Module) -> list[tuple[str, DyLoRALinear]]:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no DyLoRALinear layers: call inject() first "
                          "(or unmerge() a merged model)")
+    return layers
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, whose attribute names would otherwise prefix every module name."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (as FSDP2 shards parameters). torch.distributed.tensor is slow to
+    import and a DTensor cannot exist before it is, so it is looked up, not imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _unsharded_layers(model: nn.Module, caller: str) -> list[tuple[str, DyLoRALinear]]:
+    layers = _layers(model)
+    sharded = [name for name, layer in layers if _is_sharded(layer.lora_A)]
+    if sharded:
+        raise ValueError(f"{caller}: layer {sharded[0]} is sharded (FSDP2 fully_shard); gather the full "
+                         "weights first: torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                         "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every process, "
+                         f"load it into an unsharded copy of the model on process 0 and call {caller} on that")
     return layers
 
 
@@ -94,14 +126,22 @@ def set_rank(model: nn.Module, rank: int | Tensor) -> None:
 
 
 class RankSampler:
-    """Draws the training rank: ``step()`` picks b uniformly in [r_min, r_max], sets it, returns it.
+    """Draws the training rank: ``step(i)`` picks b uniformly in [r_min, r_max], sets it, returns it.
 
-    One draw per call shared by every layer (the DyLoRA recipe: call it once per optimizer step),
-    or with ``per_layer=True`` one draw per layer (``step()`` then returns the list, in module
-    order). ``r_max`` defaults to the smallest r_max of the model's layers. ``generator`` is a
-    torch.Generator, an int seed, or None (seeded from ``torch.initial_seed()``); draws come from
-    it alone, so processes given the same seed (data-parallel replicas) draw the same ranks. The
-    layers' rank buffers are filled in place, so a compiled model is not recompiled.
+    Rank per optimizer step, not per forward: the draw for step ``i`` is a function of the seed and
+    ``i`` alone. Pass the optimizer-step index (e.g. Trainer's ``state.global_step``) and every
+    micro-batch of that step (gradient accumulation) and every data-parallel process gets the same
+    b, with no communication, and a run resumed at step i draws what the uninterrupted run drew.
+    ``step()`` without an index uses an internal counter (the step after the last one drawn): call
+    it once per optimizer step. One draw shared by every layer (the DyLoRA recipe), or with
+    ``per_layer=True`` one draw per layer (``step()`` then returns the list, in module order).
+
+    ``r_max`` defaults to the smallest r_max of the model's layers. ``generator``: an int seed >= 0,
+    a torch.Generator (its ``initial_seed()``) or None (``torch.initial_seed()``). When
+    torch.distributed is initialised, the constructor is a collective (one all_gather, so build the
+    sampler on every process): with ``generator=None`` every process takes process 0's seed; an
+    explicit seed must be the same on every process, else ValueError. The layers' rank buffers are
+    filled in place, so a compiled model is not recompiled.
     """
 
     def __init__(self, model: nn.Module, r_min: int = 1, r_max: int | None = None,
@@ -112,17 +152,46 @@ class RankSampler:
         if not 1 <= r_min <= r_max <= capacity:
             raise ValueError(f"RankSampler needs 1 <= r_min <= r_max <= {capacity} (the smallest "
                              f"r_max of the model's layers), got r_min={r_min}, r_max={r_max}")
-        if not isinstance(generator, torch.Generator):
+        if isinstance(generator, torch.Generator):
+            seed = generator.initial_seed()
+        else:
             seed = torch.initial_seed() if generator is None else generator
-            generator = torch.Generator().manual_seed(seed)
-        self.r_min, self.r_max, self.generator, self.per_layer = r_min, r_max, generator, per_layer
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"RankSampler: generator must be an int seed >= 0, a torch.Generator or "
+                             f"None, got {generator!r}")
+        self.seed = _same_seed_on_every_process(seed, explicit=generator is not None)
+        self.r_min, self.r_max, self.per_layer = r_min, r_max, per_layer
+        self.next_step = 0
 
-    def step(self) -> int | list[int]:
-        draws = torch.randint(self.r_min, self.r_max + 1, (len(self.layers) if self.per_layer else 1,),
-                              generator=self.generator).tolist()
-        for i, layer in enumerate(self.layers):
-            layer.set_rank(draws[i if self.per_layer else 0])
+    def draw(self, step: int) -> int | list[int]:
+        """The rank(s) for optimizer step ``step``, without setting them (the same on every call)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"RankSampler: step must be the optimizer-step index, an int >= 0, got {step!r}")
+        rng = np.random.default_rng([self.seed, step])  # SeedSequence: independent streams per (seed, step)
+        draws = rng.integers(self.r_min, self.r_max + 1, len(self.layers) if self.per_layer else 1).tolist()
         return draws if self.per_layer else draws[0]
+
+    def step(self, step: int | None = None) -> int | list[int]:
+        """Set (and return) the rank(s) of optimizer step ``step``, or of the next step if None."""
+        step = self.next_step if step is None else step
+        draws = self.draw(step)
+        for i, layer in enumerate(self.layers):
+            layer.set_rank(draws[i] if self.per_layer else draws)
+        self.next_step = step + 1
+        return draws
+
+
+def _same_seed_on_every_process(seed: int, explicit: bool) -> int:
+    """``seed`` as agreed by every process of torch.distributed's default group (unchanged outside one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return seed
+    seeds = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seeds, seed)
+    if explicit and len(set(seeds)) > 1:
+        raise ValueError(f"RankSampler: the processes were given different seeds {seeds} (one per "
+                         "process); every process must draw the same rank at each step: pass the same "
+                         "generator=<int> on every process, or None to use process 0's seed")
+    return seeds[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +290,7 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
     replaced by a MergedLinear (a plain nn.Linear forward: the adapter is not added again), which
     unmerge() takes back out. Returns the merged module names.
     """
-    layers = _layers(model)
+    layers = _unsharded_layers(model, "merge")
     for name, adapter in layers:  # check every layer before changing any rank or weight
         b = adapter.rank if rank is None else rank
         if isinstance(b, bool) or not isinstance(b, int):
@@ -268,6 +337,16 @@ def _trained_slots(layer: DyLoRALinear) -> Tensor:
     return trained.ne(0).any(0)
 
 
+def _shaped_like(mask: Tensor, p: Tensor) -> Tensor:
+    """``mask`` broadcast to ``p``'s shape and, for a DTensor (FSDP2's sharded parameters and their
+    optimizer state), sharded as ``p`` is: each process takes its own chunk, no communication."""
+    mask = mask.expand(p.shape)
+    if _is_sharded(p):
+        from torch.distributed.tensor import distribute_tensor
+        mask = distribute_tensor(mask.contiguous(), p.device_mesh, p.placements, src_data_rank=None)
+    return mask
+
+
 def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -> _Hooks:
     """Make ``optimizer.step()`` leave every rank slot the current rank does not train untouched.
 
@@ -279,9 +358,15 @@ def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -
     is per tensor, as in SparseAdam. In full mode the trained slots are those < b. Each layer uses
     its own rank(s), so per-layer and per-row ranks work. Set the rank before ``step()`` and keep
     it until after (RankSampler does). Works through optimizer step hooks, so LR schedulers,
-    gradient clipping and trainers keep the optimizer object. Returns a handle with ``remove()``.
+    gradient clipping and trainers keep the optimizer object; a wrapper that keeps the torch optimizer
+    in ``.optimizer`` (accelerate's, as the Trainer uses) gets the hooks on that one. Parameters
+    sharded by FSDP2 (``fully_shard``) work too. Returns a handle with ``remove()``.
     """
     layers = [layer for _, layer in _layers(model)]
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the one that steps
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"freeze_untrained_slots needs a torch.optim.Optimizer (or a wrapper holding one in "
+                        f".optimizer, as accelerate's), got {type(optimizer).__name__}")
     saved = []
 
     def snapshot(opt, args, kwargs):
@@ -289,6 +374,7 @@ def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -
         for layer in layers:
             slots = _trained_slots(layer)
             for p, keep in ((layer.lora_A, slots[:, None]), (layer.lora_B, slots[None, :])):
+                keep = _shaped_like(keep, p)
                 state = [v for v in opt.state.get(p, {}).values()
                          if isinstance(v, Tensor) and v.shape == p.shape]
                 saved.append((p, keep, [(t, t.clone()) for t in (p.detach(), *state)]))
@@ -304,8 +390,7 @@ def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -
                     t.masked_fill_(~keep, 0)
         saved.clear()
 
-    return _Hooks(optimizer.register_step_pre_hook(snapshot),
-                  optimizer.register_step_post_hook(restore))
+    return _Hooks(inner.register_step_pre_hook(snapshot), inner.register_step_post_hook(restore))
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,9 +421,11 @@ def export_peft(model: nn.Module, path: str | Path, rank: int | None) -> Path:
     then computes what this model computes at rank b. ``rank=None`` exports each layer at its
     current (int) rank, e.g. ranks picked per layer; layers whose rank or alpha differ from the
     first layer's get PEFT's rank_pattern / alpha_pattern. Only the adapters are written: other
-    trainable parameters (a new head) are not.
+    trainable parameters (a new head) are not. A model wrapped in DistributedDataParallel or
+    torch.compile is unwrapped first, so the names are the same as for the plain model.
     """
-    layers = _layers(model)
+    model = _unwrapped(model)
+    layers = _unsharded_layers(model, "export_peft")
     ranks = {name: layer.rank if rank is None else rank for name, layer in layers}
     for name, layer in layers:
         if not isinstance(ranks[name], int) or not 1 <= ranks[name] <= layer.r_max:

@@ -15,6 +15,7 @@ if importlib.util.find_spec("torch") is not None:
 
 import pytest
 import torch
+from torch import nn
 
 import dylora_kernels
 
@@ -144,3 +145,25 @@ def trained_slots(rank, r_max, rows, frozen_prefix):
     if frozen_prefix:
         return (slots[None, :] == b[:, None] - 1).any(0)
     return (slots[None, :] < b[:, None]).any(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models shared by the model-level tests and the distributed workers
+# --------------------------------------------------------------------------------------------
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            vocab_size=100, max_position_embeddings=64)  # a transformers config small enough for CPU tests
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def randomise(model: nn.Module, seed=0) -> nn.Module:
+    """Random lora_B everywhere (LoRA's zero init would hide the low-rank path)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, dylora_kernels.DyLoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    return model

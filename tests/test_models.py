@@ -5,6 +5,7 @@ import copy
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -12,13 +13,11 @@ from torch import nn
 
 from dylora_kernels import (DyLoRALinear, MergedLinear, RankSampler, evaluate_ranks, export_peft,
                             freeze_untrained_slots, inject, load_peft, merge, set_rank, unmerge)
-from conftest import rel_err
+from conftest import TINY, mlp, randomise, rel_err
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, max_position_embeddings=64)
 TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
 
@@ -36,21 +35,6 @@ def hf_batch(n=3, seq=7):
     g = torch.Generator().manual_seed(1)
     return {"input_ids": torch.randint(2, 100, (n, seq), generator=g),
             "attention_mask": torch.ones(n, seq, dtype=torch.long)}
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
-
-
-def randomise(model: nn.Module, seed=0) -> nn.Module:
-    """Random lora_B everywhere (LoRA's zero init would hide the low-rank path)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, DyLoRALinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
-    return model
 
 
 def dylora(model, targets, r_max=6, alpha=12.0, **kw):
@@ -136,6 +120,25 @@ def test_rank_sampler_same_seed_same_ranks_across_processes():
     torch.manual_seed(2)
     sampler = RankSampler(dylora(mlp(), ["0"], r_max=8), generator=11)
     assert other.stdout == f"{[sampler.step() for _ in range(30)]}\n"
+
+
+def test_rank_sampler_draws_per_optimizer_step_index():
+    model = dylora(mlp(), ["0", "2"], r_max=6)
+    sampler = RankSampler(model, generator=4)
+    sequential = [sampler.step() for _ in range(30)]
+    assert sequential == [sampler.draw(i) for i in range(30)] and set(sequential) == set(range(1, 7))
+    assert [sampler.step(7) for _ in range(3)] == [sequential[7]] * 3  # every micro-batch of step 7: one b
+    assert sampler.step() == sequential[8]  # without an index: the step after the last one drawn
+    resumed = RankSampler(model, generator=torch.Generator().manual_seed(4))  # e.g. from a checkpoint
+    assert resumed.step(20) == sequential[20] and [m.rank for m in layers(model)] == [sequential[20]] * 2
+    assert [RankSampler(model, generator=5).draw(i) for i in range(30)] != sequential
+    per_layer = RankSampler(model, generator=4, per_layer=True)
+    assert per_layer.step(3) == per_layer.draw(3) == [m.rank for m in layers(model)]
+    for step in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="step must be the optimizer-step index, an int >= 0"):
+            sampler.step(step)
+    with pytest.raises(ValueError, match="generator must be an int seed >= 0"):
+        RankSampler(model, generator=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +328,21 @@ def test_freeze_untrained_slots_trains_like_adamw_on_the_trained_slot():
         assert torch.equal(A[b - 1], gA[b - 1]) and torch.equal(B[:, b - 1], gB[:, b - 1])
 
 
+def test_freeze_untrained_slots_hooks_the_optimizer_inside_a_wrapper():
+    model = dylora(mlp(), ["0"], r_max=4)
+    optimizer = torch.optim.AdamW([model[0].lora_A, model[0].lora_B], lr=0.1, weight_decay=0.1)
+    freeze_untrained_slots(types.SimpleNamespace(optimizer=optimizer), model)  # as accelerate's wrapper
+    set_rank(model, 2)
+    A, B = model[0].lora_A.detach().clone(), model[0].lora_B.detach().clone()
+    model(torch.randn(3, 12)).square().sum().backward()
+    optimizer.step()
+    other = torch.arange(4) != 1
+    assert torch.equal(model[0].lora_A[other], A[other]) and torch.equal(model[0].lora_B[:, other], B[:, other])
+    assert not torch.equal(model[0].lora_A[1], A[1])
+    with pytest.raises(TypeError, match="needs a torch.optim.Optimizer .* got object"):
+        freeze_untrained_slots(object(), model)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +425,14 @@ def test_export_peft_per_layer_ranks_and_alphas_round_trip(tmp_path):
         assert rel_err(base(**batch).last_hidden_state, ours) <= 1e-5
     with pytest.raises(ValueError, match="needs an int rank in"):
         export_peft(model, tmp_path, rank=7)
+
+
+def test_export_peft_unwraps_data_parallel_and_compiled_models(tmp_path):
+    model = dylora(mlp(), ["0", "2"])
+    export_peft(model, tmp_path / "plain", rank=2)
+    export_peft(nn.DataParallel(torch.compile(model)), tmp_path / "wrapped", rank=2)  # names: "module._orig_mod.0"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "wrapped" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
