@@ -423,7 +423,7 @@ Tensor linear_no_grad(const Tensor& x, const optional<Tensor>& weight, const opt
                       c10::string_view backend) {
   const Tensor y = std::get<0>(call_forward(rows(x), weight, bias, rows(base), lora_A, lora_B, rank,
                                             alpha, /*need_u=*/false, backend));
-  return x.dim() == 2 ? y : y.view(out_shape(x, out_features(weight, lora_B)));
+  return x.dim() == 2 ? y : at::_unsafe_view(y, out_shape(x, out_features(weight, lora_B)));
 }
 
 class LinearFunction : public torch::autograd::Function<LinearFunction> {
@@ -444,7 +444,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["x_shape"] = x.sizes();
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["has_base"] = base.has_value();
-    return x.dim() == 2 ? y : y.view(out_shape(x, y.size(1)));
+    // _unsafe_view: the (..., N) result is not a view of an intermediate (as at::matmul returns it).
+    return x.dim() == 2 ? y : at::_unsafe_view(y, out_shape(x, y.size(1)));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
