@@ -10,7 +10,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 DYLORA_FUZZ_CASES=${DYLORA_FUZZ_CASES:-40}
+export PYTHONUNBUFFERED=1 DYLORA_FUZZ_CASES=${DYLORA_FUZZ_CASES:-20}
+# The GPU-relevant suites (the model/distributed/Trainer/demo tests are CPU-only and run in CI).
+TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py"}
+TESTS_TIMEOUT=${GPU_CHECK_TESTS_TIMEOUT:-170}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-130}
 export DYLORA_DISPATCH_CACHE="$OUT/dispatch_cache"  # a fresh dispatcher cache: the run measures
 PY=${PYTHON:-python3}
 t0=$SECONDS
@@ -32,19 +36,22 @@ fi
 # pytest-xdist, when installed, spreads the Triton compilations over processes.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stamp "tests (log: $OUT/tests.log)"
-timeout 210 "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests >"$OUT/tests.log" 2>&1
+stamp "tests, at most $TESTS_TIMEOUT s (log: $OUT/tests.log, one line per test)"
+# -v: a line per finished test, so a run cut by the timeout still shows what passed and failed.
+timeout "$TESTS_TIMEOUT" "$PY" -m pytest -v -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} $TESTS >"$OUT/tests.log" 2>&1
 tests_rc=$?
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
-tail -n 1 "$OUT/tests.log"
+[ "$tests_rc" -eq 124 ] && echo "tests TIMED OUT after $TESTS_TIMEOUT s; per-test results so far:"
+echo "passed $(grep -c ' PASSED' "$OUT/tests.log"), failed $(grep -c ' FAILED' "$OUT/tests.log"), errors $(grep -c ' ERROR' "$OUT/tests.log"), skipped $(grep -c ' SKIPPED' "$OUT/tests.log")"
+grep -E " (FAILED|ERROR)" "$OUT/tests.log" | grep "::" | head -n 25
+grep -E "^E  " "$OUT/tests.log" | sort | uniq -c | sort -rn | head -n 12
 stamp "tests exit status $tests_rc"
 
 stamp "benchmark (log: $OUT/bench.log)"
-timeout 170 "$PY" bench/bench_gpu.py --quick --out "$OUT" >"$OUT/bench.log" 2>&1
+timeout "$BENCH_TIMEOUT" "$PY" bench/bench_gpu.py --quick --out "$OUT" >"$OUT/bench.log" 2>&1
 bench_rc=$?
 stamp "benchmark exit status $bench_rc; tests exit status $tests_rc; build exit status $build_rc"
 if [ "$bench_rc" -ne 0 ]; then
-    tail -n 30 "$OUT/bench.log"
+    tail -n 40 "$OUT/bench.log"
     exit "$bench_rc"
 fi
 echo
