@@ -135,7 +135,7 @@ def run(inputs, rank, alpha, frozen_prefix, backend, grad_out, wrt=LORA_LEAVES):
 def reference_run(inputs, rank, alpha, frozen_prefix, grad_out, wrt=LORA_LEAVES):
     cpu64 = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
     rank = rank.cpu() if isinstance(rank, torch.Tensor) else rank
-    return run(cpu64, rank, alpha, frozen_prefix, "reference", grad_out.double(), wrt)
+    return run(cpu64, rank, alpha, frozen_prefix, "reference", grad_out.double().cpu(), wrt)
 
 
 def trained_slots(rank, r_max, rows, frozen_prefix):
