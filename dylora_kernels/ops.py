@@ -63,6 +63,8 @@ def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             rank: Tensor, alpha: float, frozen_prefix: bool, backend: str) -> tuple[Tensor, Tensor]:
     """y = x·Wᵀ + bias + (alpha/b)·u·B[:, :b]ᵀ and u (fp32). ``frozen_prefix`` only steers the backward."""
+    if backend == "triton":  # the Triton contract: + base (none here), need_u, variant (default)
+        return _kernels(backend).forward(x, weight, bias, None, lora_A, lora_B, rank, alpha, True)
     return _kernels(backend).forward(x, weight, bias, lora_A, lora_B, rank, alpha)
 
 
@@ -77,6 +79,9 @@ def backward(grad: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
              rank: Tensor, alpha: float, frozen_prefix: bool, compute_dx: bool,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """dx (empty unless ``compute_dx``), dA and dB for the rank(s) in ``rank``."""
+    if backend == "triton":  # the Triton contract: + compute_lora, variant (default)
+        return _kernels(backend).backward(grad, x, weight, lora_A, lora_B, u, rank, alpha,
+                                          frozen_prefix, compute_dx, True)
     return _kernels(backend).backward(grad, x, weight, lora_A, lora_B, u, rank, alpha,
                                       frozen_prefix, compute_dx)
 
