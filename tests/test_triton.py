@@ -405,7 +405,7 @@ def test_split_gradients_are_deterministic_and_split():
     the reduction over several chunks (checked), in both modes and for per-row ranks."""
     T = backend()
     M, K, N, R = 200, 24, 20, 8
-    splits, rows = T.kernels.split_rows(M, 1, torch.device(DEVICE))
+    splits, rows = T.kernels.split_rows(M, 1, T.kernels.num_sms(torch.device(DEVICE)))
     assert splits > 1 and splits * rows >= M
     t = make(M, K, N, R)
     for rank in (torch.tensor(5, device=DEVICE), per_row_ranks(M, R).to(DEVICE)):
@@ -427,8 +427,8 @@ def test_variants_offer_only_what_can_run():
     odd = make(37, 44, 20, 8, torch.float16)  # rows of 88 bytes: not 16-byte aligned
     assert T.variants("forward", odd["x"], odd["weight"], odd["lora_A"], odd["lora_B"]) == ["pointer"]
     assert T.variants("forward", x[:, 1:33], W[:, :32], A, B) == ["pointer"]  # x's base pointer misaligned
-    assert "decode" not in T.variants("forward", x[:4], W, torch.zeros(200, 40, dtype=torch.float16),
-                                      torch.zeros(24, 200, dtype=torch.float16))  # r_max above the decode cap
+    wide_A, wide_B = torch.zeros(65, 40, dtype=torch.float16), torch.zeros(24, 65, dtype=torch.float16)
+    assert "decode" not in T.variants("forward", x[:4], W, wide_A, wide_B)  # r_max above the decode cap
     with pytest.raises(ValueError):
         T.variants("sideways", x, W, A, B)
 

@@ -20,6 +20,8 @@ pre_hooks.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -111,10 +113,15 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_has_tma(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return _INTERPRET and device.type == "cpu"  # the interpreter runs TMA descriptors on CPU tensors
+
+
 def _device_ok(t: torch.Tensor) -> bool:
-    if t.is_cuda:
-        return torch.cuda.get_device_capability(t.device)[0] >= 9
-    return _INTERPRET and t.device.type == "cpu"  # the interpreter runs TMA descriptors on CPU tensors
+    return _device_has_tma(t.device)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor | None, out_cols: int) -> bool:

@@ -157,10 +157,11 @@ def num_sms(device: torch.device) -> int:
 _SPLIT_ROWS = 32 if _INTERPRET else 128  # split-M chunks are multiples of every grad/gemv BLOCK_M
 
 
-def split_rows(M: int, tiles: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows per split) of a split-M reduction with ``tiles`` output tiles of at most 128 columns: enough
-    splits for one program per SM (so M ≥ 2048 fills the GPU), chunks of at least _SPLIT_ROWS rows."""
-    splits = max(1, min(triton.cdiv(num_sms(device), max(tiles, 1)), triton.cdiv(M, _SPLIT_ROWS)))
+def split_rows(M: int, tiles: int, sms: int) -> tuple[int, int]:
+    """(splits, rows per split) of a split-M reduction with ``tiles`` output tiles of at most 128 columns on a GPU
+    with ``sms`` SMs: enough splits for one program per SM (so M ≥ 2048 fills the GPU), chunks of at least
+    _SPLIT_ROWS rows."""
+    splits = max(1, min(triton.cdiv(sms, max(tiles, 1)), triton.cdiv(M, _SPLIT_ROWS)))
     rows = triton.cdiv(triton.cdiv(max(M, 1), splits), _SPLIT_ROWS) * _SPLIT_ROWS
     return triton.cdiv(max(M, 1), rows), rows
 
@@ -602,7 +603,9 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
     return out
 
 
-DECODE_MAX_M, DECODE_MAX_R = 16, 128  # the decode kernel holds u (16 × R_CAP fp32) in registers
+# The decode kernel holds u (16 × R_CAP fp32) in registers and A's (BLOCK_K × R_CAP) tiles in shared memory:
+# R_CAP = 128 spills registers or overflows shared memory in several configs (sm_90a), R_CAP = 64 in none.
+DECODE_MAX_M, DECODE_MAX_R = 16, 64
 
 
 def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u) -> torch.Tensor:
@@ -639,7 +642,7 @@ def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
     M, K = q.shape
     R = p.shape[1]
     BLOCK_R = block_r(R)
-    splits, rows = split_rows(M, triton.cdiv(R, BLOCK_R) * triton.cdiv(K, 128), q.device)
+    splits, rows = split_rows(M, triton.cdiv(R, BLOCK_R) * triton.cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(R, BLOCK_R) * triton.cdiv(K, meta["BLOCK_K"]), splits)
     _lora_grad_kernel[grid](p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
@@ -652,7 +655,7 @@ def frozen_grad(p, q, rank, alpha, out) -> torch.Tensor:
     """out (R, K): row b-1 = (alpha/b)·p[:, b-1]ᵀ·q for one shared rank b, every other row exactly 0."""
     M, K = q.shape
     R = p.shape[1]
-    splits, rows = split_rows(M, triton.cdiv(K, 128), q.device)
+    splits, rows = split_rows(M, triton.cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
     _frozen_gemv_kernel[grid](p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
