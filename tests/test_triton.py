@@ -134,6 +134,26 @@ def test_every_variant_against_float64(variant, dtype, rank_kind, frozen_prefix)
 
 @pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
+def test_tma_programs_walk_several_tiles(frozen_prefix):
+    """The persistent TMA kernel with more output tiles than programs (in y and in dx), so each program walks
+    several tiles (partial ones at the edges) in grouped order."""
+    T = backend()
+    M, K, N = 150, 136, 72
+    t = make(M, K, N, 7, torch.float16, base=True)
+    sms = T.kernels.num_sms(t["x"].device)
+    block = T.kernels._configs("tma")[0].kwargs
+    for cols in (N, K):  # y's and dx's output tiles
+        assert triton_cdiv(M, block["BLOCK_M"]) * triton_cdiv(cols, block["BLOCK_N"]) > sms or CUDA
+    for rank in (torch.tensor(6, device=DEVICE), per_row_ranks(M, 7).to(DEVICE)):
+        check(run(t, rank, frozen_prefix, "tma"), t, rank, frozen_prefix)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
 @pytest.mark.parametrize("variant,dtype,adapter_dtype",
                          [("pointer", torch.float16, torch.float32), ("pointer", torch.float32, torch.float16),
                           ("decode", torch.float16, torch.float32), ("tma", torch.float16, torch.float32)],
