@@ -1,41 +1,42 @@
-"""Triton kernels of the dylora ops: the CUDA implementation (and, under TRITON_INTERPRET=1, a CPU one).
+"""Triton kernels of the dylora ops: pointer-based tiles for every CUDA GPU (and, under TRITON_INTERPRET=1, CPU).
 
-Meets the kernel contract in ``dylora_kernels/ops.py``. Three kernels, each written once and launched
-with different operands, strides and output views:
+The Hopper kernel (TMA descriptors, persistent grid) lives in ``hopper.py`` and shares the helpers below;
+the kernel contract (``forward``, ``backward``, ``variants``) is in ``__init__.py``. Each kernel is written
+once and launched with different operands, strides and output views. With s_m = alpha / b_m:
 
-    _shrink_kernel        out = (X·Yᵀ) ⊙ [j < b_m]                          fp32 (M, r_max)
-                          forward  u = x·A[:b]ᵀ     (X = x, Y = A)
-                          backward v = g·B[:, :b]   (X = g, Y = Bᵀ)
-    _fused_linear_kernel  out = X·Yᵀ + bias + s_m·(U ⊙ [j < b_m])·Zᵀ         in x's dtype
+    _shrink_kernel        out = (X·Yᵀ) ⊙ [j < b_m], fp32 (M, R)
+                          forward  u = x·A[:b]ᵀ   (X = x, Y = A)
+                          backward v = g·B[:, :b] (X = g, Y = Bᵀ); with FOLD (frozen prefix, one rank) it also
+                          writes per-row-block partial sums of the dB column, Σ_m (u[m, b-1]/b)·g[m, :], reading g once
+    _fused_linear_kernel  out = s_m·(U ⊙ [j < b_m])·Zᵀ + [X·Yᵀ] + [bias] + [base], in X's dtype
                           forward  y  (X = x, Y = W,  U = u, Z = B)
                           backward dx (X = g, Y = Wᵀ, U = v, Z = Aᵀ)
-    _lora_grad_kernel     out[j, k] = Σ_m s_m·trained(m, j)·P[m, j]·Q[m, k]   in the adapter dtype
-                          dA = (P = v, Q = x);  dB = (P = u, Q = g), stored through dB's transpose
+    _decode_kernel        y for M ≤ 16 in one launch: each program computes u = x·A[:b]ᵀ for itself in the same
+                          K loop as its N-tile of x·Wᵀ (one program also writes u)
+    _lora_grad_kernel     split-M partials part[s, j, k] = Σ_{m in split s} trained(m, j)·(P[m, j]/b_m)·Q[m, k]
+                          dA = (P = v, Q = x); dB = (P = u, Q = g), stored through dB's transpose
+    _frozen_gemv_kernel   split-M partials part[s, k] = Σ_{m in split s} (P[m, b-1]/b)·Q[m, k]: frozen prefix with one
+                          rank, dA row b-1 (P = v, Q = x), one streaming read of x
+    _finish_kernel        out = alpha·Σ_s part[s] in a fixed order (the gradients are deterministic), in the adapter
+                          dtype; ONE_SLOT: the sum goes to row b-1 and every other row is exactly 0
 
-with s_m = alpha / b_m and trained(m, j) = [j < b_m] (full mode) or [j == b_m - 1] (frozen prefix).
-u and v are kept unscaled, fp32 and exactly zero beyond each row's rank; the scale and the masks are
-applied by whichever kernel consumes them (``_scale_slots``), which never lets a slot
-beyond b_m through.
+trained(m, j) = [j < b_m] (full mode) or [j == b_m - 1] (frozen prefix).
 
-The rank is data. Every kernel loads b_m from ``rank_ptr`` (one shared value when PER_ROW is False,
-one per row otherwise) and derives s_m, the slot masks and its loop bounds from it on the device: the
-low-rank loop of the fused kernel stops at its tile's largest rank, the shrink kernel and (for one
-shared rank) the gradient kernel skip slot blocks that hold no used/trained slot, which makes the
-frozen-prefix gradient one read of x (dA) and one of g (dB). What is compiled depends only on the
-dtypes, PER_ROW, the mode and BLOCK_R (from r_max's capacity), never on a rank value, so changing the
-rank compiles nothing, syncs nothing and replays inside a captured CUDA graph.
+The rank is data. Every kernel loads b_m from ``rank_ptr`` (any integer dtype; one shared value when PER_ROW is
+False, one per row otherwise) and derives the scale, the slot masks and its loop bounds on the device. A row whose
+rank is outside [1, R] gets NaN in y, u, v and dx, and makes every gradient it feeds NaN; it never causes an
+out-of-bounds read. No kernel reads rows of A or columns of B at or beyond the largest rank among the rows of its
+tile (those loads are masked off), and slot masks are ``tl.where`` selections, so NaN or Inf stored in unused slots
+never reaches an output. What is compiled depends on dtypes, layouts, PER_ROW, the mode and the rank capacity,
+never on a rank value: changing the rank compiles nothing and syncs nothing.
 
-x, W, A, B and the outputs are addressed through their strides (nothing is copied: A[:b] and B[:, :b]
-are read in place, a non-contiguous x is read as it is). Every dot accumulates in fp32; fp32 inputs may
-use tf32 on the GPU.
-
-Hopper work (issue 5) goes into the kernels below: TMA descriptors instead of the pointer blocks in
-``_matmul_loop``, a persistent grid over tiles with warp-specialised producer/consumer warps for the
-fused kernel, and a split over M for ``_lora_grad_kernel`` (its grid is only r_max/BLOCK_R × K/BLOCK_K).
+Scales never overflow 16-bit dot operands: 1/b_m is applied to the fp32 operand (it only shrinks it) before the cast,
+alpha to the fp32 result. Every dot accumulates in fp32. fp32 intermediates (u, v) are cast to the dtype of the
+factor they meet; two storage dtypes that differ (x in bf16, A in fp32) meet in fp32 (tf32 on the GPU).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 
 import torch
@@ -48,33 +49,52 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run on CP
 # --------------------------------------------------------------------------------------------
 # Autotuning: every kernel's candidates in one place, keyed on power-of-two shape buckets
 # --------------------------------------------------------------------------------------------
-def _configs(kernel: str) -> list[triton.Config]:
-    """Autotune candidates of one kernel. The first is the small-problem config (the only one under
-    the interpreter, where timing configs would only cost time); BLOCK_M = 16 ones serve decode-sized M.
-    tl.dot needs every block dimension ≥ 16. The lists are short on purpose: each candidate is one more
-    compilation per dtype and layout. Every group (small, decode, large) holds a config whose pipeline
-    buffers fit in shared memory for fp32 inputs too: a config that does not fit fails to compile and
-    the autotuner times it as infinite, so a group must never consist of such configs alone."""
-    def cfg(stages, warps, **blocks):
-        return triton.Config(blocks, num_stages=stages, num_warps=warps)
+def _configs(kernel: str, pre_hook=None) -> list[triton.Config]:
+    """Autotune candidates of one kernel. The first is the small-problem config (the only one under the
+    interpreter, where timing configs would only cost time); BLOCK_M = 16 ones serve decode-sized M. tl.dot needs
+    every block dimension ≥ 16. Each candidate is one more compilation per dtype and layout, so the lists are
+    short; tests/sm90_compile.py compiles every one of them for sm_90a and checks shared memory (≤ 227 KiB for
+    16-bit inputs), register spills (none) and the main loop's pipelining. Every group (small, decode, large)
+    holds a config whose buffers fit in shared memory for fp32 too. ``pre_hook``: the TMA kernel's, which sets
+    its descriptors' block shapes for the config about to run."""
+    def _cfg(stages, warps, **blocks):
+        return triton.Config(blocks, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
-    if kernel == "fused":
-        configs = [cfg(2, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-                   cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-                   cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                   cfg(3, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-                   cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
-                   cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)]
+    if kernel == "tma":  # 16-bit only; 128x256 with 8 warps and 3-4 stages is the Hopper GEMM tile
+        configs = [_cfg(3, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
+                   _cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
+                   _cfg(4, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
+                   _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
+                   _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True)]
+    elif kernel == "fused":
+        configs = [_cfg(2, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+                   _cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+                   _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                   _cfg(3, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                   _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
+                   _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)]
     elif kernel == "shrink":
-        configs = [cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
-                   cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
-                   cfg(3, 8, BLOCK_M=128, BLOCK_K=64),
-                   cfg(4, 4, BLOCK_M=16, BLOCK_K=128)]
-    elif kernel == "grad":  # BLOCK_M is the contraction block here
-        configs = [cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
-                   cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
-                   cfg(3, 8, BLOCK_M=128, BLOCK_K=128),
-                   cfg(3, 4, BLOCK_M=64, BLOCK_K=64)]
+        configs = [_cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
+                   _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+                   _cfg(3, 8, BLOCK_M=32, BLOCK_K=128),
+                   _cfg(3, 8, BLOCK_M=128, BLOCK_K=64),
+                   _cfg(4, 8, BLOCK_M=16, BLOCK_K=64)]
+    elif kernel == "decode":  # BLOCK_M is fixed at 16 (M ≤ 16): the candidates trade programs for A re-reads
+        configs = [_cfg(2, 4, BLOCK_N=32, BLOCK_K=32),
+                   _cfg(4, 4, BLOCK_N=32, BLOCK_K=128),
+                   _cfg(4, 4, BLOCK_N=64, BLOCK_K=64),
+                   _cfg(3, 8, BLOCK_N=16, BLOCK_K=256),
+                   _cfg(4, 4, BLOCK_N=128, BLOCK_K=64)]
+    elif kernel == "grad":  # BLOCK_M is the contraction block here; BLOCK_K ≤ 128 (split_rows relies on it)
+        configs = [_cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
+                   _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+                   _cfg(3, 8, BLOCK_M=128, BLOCK_K=128),
+                   _cfg(3, 4, BLOCK_M=64, BLOCK_K=64)]
+    elif kernel == "gemv":  # no dot: a streaming multiply-add over rows; BLOCK_K ≤ 128 as for "grad"
+        configs = [_cfg(2, 4, BLOCK_M=32, BLOCK_K=32),
+                   _cfg(3, 4, BLOCK_M=32, BLOCK_K=128),
+                   _cfg(4, 8, BLOCK_M=64, BLOCK_K=128),
+                   _cfg(4, 4, BLOCK_M=16, BLOCK_K=128)]
     else:
         raise ValueError(kernel)
     return configs[:1] if _INTERPRET else configs
@@ -87,20 +107,32 @@ def _prune(configs, named_args, **kwargs):
     M, N, K = args["M_BUCKET"], args["N_BUCKET"], args["K_BUCKET"]
     if max(M, N, K) <= 512:
         return configs[:1]
-    decode = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+    decode = [c for c in configs if c.kwargs.get("BLOCK_M") == 16]
     if M <= 32 and decode:
         return decode
-    return [c for c in configs[1:] if c.kwargs["BLOCK_M"] != 16]
+    return [c for c in configs[1:] if c.kwargs.get("BLOCK_M") != 16]
 
 
-def _autotune(kernel: str):
-    return triton.autotune(configs=_configs(kernel), key=["M_BUCKET", "N_BUCKET", "K_BUCKET"],
-                           prune_configs_by={"early_config_prune": _prune})
+def _autotune(kernel: str, *flags: str):
+    """The autotuner of one kernel: keyed on the shape buckets, the operand layout code and the constexpr
+    ``flags`` that change the best config (mode, per-row ranks, bias/base, ...), never on a rank value. The
+    autotuner adds every tensor argument's dtype to the key itself. Timings persist on disk."""
+    return triton.autotune(configs=_configs(kernel), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", *flags],
+                           prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
     """The autotune bucket of a size: the next power of two."""
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def layout(*tensors) -> int:
+    """Autotune key of the operands' layouts (0: rows contiguous, 1: columns contiguous, 2: neither, 3: absent):
+    launches that differ only in layout (the y and dx launches of one kernel) never share an autotune entry."""
+    code = 0
+    for t in tensors:
+        code = code * 4 + (3 if t is None else 0 if t.stride(-1) == 1 else 1 if t.stride(0) == 1 else 2)
+    return code
 
 
 def block_r(r_max: int) -> int:
@@ -108,34 +140,128 @@ def block_r(r_max: int) -> int:
     return min(64, triton.next_power_of_2(max(16, r_max)))
 
 
+def seed_block_r(r_max: int) -> int:
+    """Slots per step of a fused GEMM's low-rank seed: at most 32, which keeps its operands (fp32 adapters
+    included) beside the GEMM's pipeline buffers in shared memory."""
+    return min(32, block_r(r_max))
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of x's device (a few under the interpreter, so that tests split over M)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_SPLIT_ROWS = 32 if _INTERPRET else 128  # split-M chunks are multiples of every grad/gemv BLOCK_M
+
+
+def split_rows(M: int, tiles: int, sms: int) -> tuple[int, int]:
+    """(splits, rows per split) of a split-M reduction with ``tiles`` output tiles of at most 128 columns on a GPU
+    with ``sms`` SMs: enough splits for one program per SM (so M ≥ 2048 fills the GPU), chunks of at least
+    _SPLIT_ROWS rows."""
+    splits = max(1, min(triton.cdiv(sms, max(tiles, 1)), triton.cdiv(M, _SPLIT_ROWS)))
+    rows = triton.cdiv(triton.cdiv(max(M, 1), splits), _SPLIT_ROWS) * _SPLIT_ROWS
+    return triton.cdiv(max(M, 1), rows), rows
+
+
 # Sizes that vary from call to call (M, the buckets) are not specialised on, to bound recompilation.
-_jit = triton.jit(do_not_specialize=["M", "M_BUCKET", "N_BUCKET", "K_BUCKET"])
+_jit = triton.jit(do_not_specialize=["M", "M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "rows_per_split",
+                                     "n_parts"])
 
 
 # --------------------------------------------------------------------------------------------
 # Shared device helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _row_ranks(rank_ptr, offs_m, M, PER_ROW: tl.constexpr):
-    """b_m of the rows ``offs_m`` as int32, 0 for rows past M: one per row, or one shared value."""
+def _row_ranks(rank_ptr, offs_m, M, R, PER_ROW: tl.constexpr):
+    """(b, bad) for the rows ``offs_m``: b_m as int32 where 1 ≤ b_m ≤ R, else 0, and ``bad`` where b_m is out of
+    range (those rows' outputs are NaN). Rows past M: b = 0, not bad. The check runs in 64 bits, so a wide rank
+    never wraps into range, and a bad rank never becomes a slot index."""
+    rows = offs_m < M
     if PER_ROW:
-        b = tl.load(rank_ptr + offs_m, mask=offs_m < M, other=0)
+        b = tl.load(rank_ptr + offs_m, mask=rows, other=1).to(tl.int64)
     else:
-        b = tl.where(offs_m < M, tl.load(rank_ptr), 0)
-    return b.to(tl.int32)
+        b = tl.load(rank_ptr).to(tl.int64)
+    ok = (b >= 1) & (b <= R)
+    return tl.where(rows & ok, b, 0).to(tl.int32), rows & (ok == 0)
 
 
 @triton.jit
-def _scale_slots(p, offs_r, b, alpha, ONE_HOT: tl.constexpr):
-    """p (rows, slots) times alpha / b_m on the slots row m uses, exactly 0 elsewhere (whatever p holds
-    there). The slots used are j < b_m, or only j == b_m - 1 with ONE_HOT (what frozen-prefix trains)."""
+def _shared_rank(rank_ptr, R):
+    """(b, bad) of one shared (0-d) rank: b as int32 (0 when out of range) and whether it is out of [1, R]."""
+    b = tl.load(rank_ptr).to(tl.int64)
+    ok = (b >= 1) & (b <= R)
+    return tl.where(ok, b, 0).to(tl.int32), ok == 0
+
+
+@triton.jit
+def _scale_slots(p, offs_r, b, ONE_HOT: tl.constexpr):
+    """p (rows, slots) / b_m on the slots row m uses, exactly 0 elsewhere (whatever p holds there: a selection,
+    not a multiplication by a 0/1 mask). Used slots: j < b_m, or only j == b_m - 1 with ONE_HOT (frozen prefix).
+    Only 1/b_m is applied: it shrinks p, so casting the result to 16 bits cannot overflow where p does not."""
     slots = offs_r[None, :]
     b = b[:, None]
-    if ONE_HOT:
-        used = slots == b - 1
-    else:
-        used = slots < b
-    return tl.where(used, p * (alpha / tl.maximum(b, 1).to(tl.float32)), 0.0)
+    used = (slots == b - 1) if ONE_HOT else (slots < b)
+    return tl.where(used, p / tl.maximum(b, 1).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a·b for two storage-dtype operands: as they are when their dtypes agree, in fp32 (tf32 on the GPU)
+    when they differ (mixed precision: bf16 activations, fp32 adapters)."""
+    if a.dtype == b.dtype:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+
+@triton.jit
+def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc):
+    """acc + ((u ⊙ [j < b_m]) / b_m)·Z[offs_n, offs_r]ᵀ for one block of slots; Z's slots at or beyond r_end (the
+    tile's largest rank) are not read. u is fp32, cast to Z's dtype after the 1/b_m scaling."""
+    z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :].to(tl.int64) * stride_zn,
+                mask=(offs_r[:, None] < r_end) & (offs_n[None, :] < N), other=0.0)
+    return tl.dot(_scale_slots(u, offs_r, b, False).to(z.dtype), z, acc)
+
+
+@triton.jit
+def _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The fp32 tile alpha·Σ_j (U[m, j]/b_m)·Z[n, j] over j < b_m: what a fused GEMM starts its accumulator from
+    (the low-rank term goes in before the K loop, so the epilogue holds nothing extra). Slot blocks run up to the
+    tile's largest rank; U and Z are not read beyond it."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    r_end = tl.max(b, axis=0)
+    for r0 in range(0, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_end), other=0.0)
+        acc = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc)
+    return acc * alpha
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem, stride_basen,
+              HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr):
+    """acc + bias + base, NaN in the rows whose rank is out of range."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BASE:
+        acc += tl.load(base_ptr + offs_m[:, None].to(tl.int64) * stride_basem + offs_n[None, :] * stride_basen,
+                       mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
+    return tl.where(bad[:, None], float("nan"), acc)
+
+
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of an output tile in grouped order (triton tutorial 03): GROUP_M row blocks sweep the
+    columns together, so their X rows and Y columns are reused from L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    group_size = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (tile % group_size) % group_m, (tile % group_size) // group_m
 
 
 @triton.jit
@@ -149,7 +275,7 @@ def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
         k_in = offs_k < K - k0
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
         y = tl.load(y_ptrs, mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(x, y, acc)
+        acc = _dot(x, y, acc)
         x_ptrs += BLOCK_K * stride_xk
         y_ptrs += BLOCK_K * stride_yk
     return acc
@@ -158,208 +284,380 @@ def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@_autotune("shrink")
+@_autotune("shrink", "PER_ROW", "FOLD")
 @_jit
 def _shrink_kernel(
         # pointers
-        x_ptr, y_ptr, rank_ptr, out_ptr,
+        x_ptr, y_ptr, rank_ptr, out_ptr, u_ptr, fold_ptr,
         # sizes
         M, K, R,
         # strides
-        stride_xm, stride_xk, stride_yr, stride_yk, stride_om, stride_or,
+        stride_xm, stride_xk, stride_yr, stride_yk, stride_om, stride_or, stride_um, stride_ur, stride_fp, stride_fk,
         # autotune key
-        M_BUCKET, N_BUCKET, K_BUCKET,
+        M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out (M, R) fp32 = (X·Yᵀ) ⊙ [j < b_m]: u = x·A[:b]ᵀ or v = g·B[:, :b], exactly zero beyond b_m."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    b = _row_ranks(rank_ptr, offs_m, M, PER_ROW)
-    # A block of slots past every row's rank is all zeros: it reads neither X nor Y.
-    k_end = tl.where(tl.program_id(1) * BLOCK_R < tl.max(b, axis=0), K, 0)
+        PER_ROW: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """out (M, R) fp32 = (X·Yᵀ) ⊙ [j < b_m], NaN rows where b_m is out of range: u = x·A[:b]ᵀ or v = g·B[:, :b].
+
+    FOLD (v with one shared rank in frozen-prefix mode): the slot-block-0 program of row block p also writes
+    fold[p, k] = Σ_{m in block p} (U[m, b-1]/b)·X[m, k], the partial sums of dB's trained column, from the X tiles
+    it loads anyway (g is then read once for v and dB together).
+    """
+    pid_m, pid_r = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
+    r_end = tl.max(b, axis=0)
+    # A block of slots past every row's rank is all zeros: it reads neither X nor Y (unless it folds).
+    k_end = tl.where(pid_r * BLOCK_R < r_end, K, 0)
+    if FOLD:
+        w = tl.load(u_ptr + offs_m.to(tl.int64) * stride_um + (b - 1) * stride_ur, mask=b >= 1, other=0.0)
+        w = w / tl.maximum(b, 1).to(tl.float32)
+        fold_here = pid_r == 0
+
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    y_ptrs = y_ptr + offs_k[:, None] * stride_yk + offs_r[None, :] * stride_yr
+    # Y's slots at or beyond r_end are never read. When the slots are Y's contiguous dimension (v: Y = Bᵀ), that
+    # element-wise mask rules out asynchronous copies, so the next Y tile is loaded one iteration ahead by hand.
+    slots_used = offs_r[None, :] < r_end
+    y_next = tl.load(y_ptrs, mask=(offs_k[:, None] < k_end) & slots_used, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc = _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_r, M, R, k_end,
-                       stride_xm, stride_xk, stride_yr, stride_yk, BLOCK_K)
+    for k0 in range(0, k_end, BLOCK_K):
+        k_in = offs_k < K - k0
+        y = y_next
+        y_ptrs += BLOCK_K * stride_yk
+        y_next = tl.load(y_ptrs, mask=(offs_k[:, None] < K - k0 - BLOCK_K) & slots_used, other=0.0)
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
+        acc = _dot(x, y, acc)
+        if FOLD:
+            part = tl.sum(w[:, None] * x.to(tl.float32), axis=0)
+            tl.store(fold_ptr + pid_m * stride_fp + (k0 + offs_k).to(tl.int64) * stride_fk, part,
+                     mask=k_in & fold_here)
+        x_ptrs += BLOCK_K * stride_xk
+
     acc = tl.where(offs_r[None, :] < b[:, None], acc, 0.0)
+    acc = tl.where(bad[:, None], float("nan"), acc)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or
     tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-@_autotune("fused")
+@_autotune("fused", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW")
 @_jit
 def _fused_linear_kernel(
         # pointers
-        x_ptr, y_ptr, bias_ptr, u_ptr, z_ptr, rank_ptr, out_ptr,
+        x_ptr, y_ptr, u_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr, out_ptr,
         # sizes
         M, N, K, R, alpha,
         # strides
-        stride_xm, stride_xk, stride_yn, stride_yk, stride_bias, stride_um, stride_ur, stride_zn, stride_zr,
-        stride_om, stride_on,
+        stride_xm, stride_xk, stride_yn, stride_yk, stride_um, stride_ur, stride_zn, stride_zr,
+        stride_bias, stride_basem, stride_basen, stride_om, stride_on,
         # autotune key
-        M_BUCKET, N_BUCKET, K_BUCKET,
+        M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """out (M, N) = X·Yᵀ + bias + s_m·(U ⊙ [j < b_m])·Zᵀ: the forward y and the backward dx, one GEMM.
+        HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + [X·Yᵀ] + [bias] + [base]: the forward y and the backward dx.
 
-    X (M, K), Y (N, K), U (M, R) fp32, Z (N, R). The low-rank term is added to the GEMM's fp32
-    accumulator in the epilogue, before the single store: y is written once and never re-read.
+    X (M, K), Y (N, K), U (M, R) fp32, Z (N, R), base (M, N). The accumulator starts as the low-rank term, the GEMM
+    (skipped without a weight) accumulates onto it, bias and base join in the epilogue: out is written once.
     """
-    # Grouped ordering of the output tiles (triton tutorial 03), for L2 reuse of X and Y.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
-                       stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K)
-
-    # Epilogue: + s_m·U[:, :b_m]·Z[:, :b_m]ᵀ, over slot blocks up to the tile's largest rank.
-    b = _row_ranks(rank_ptr, offs_m, M, PER_ROW)
-    for r0 in range(0, tl.max(b, axis=0), BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
-                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-        z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :].to(tl.int64) * stride_zn,
-                    mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-        u = _scale_slots(u, offs_r, b, alpha, False)
-        acc = tl.dot(u.to(z.dtype), z, acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-
+    b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
+    acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
+                        BLOCK_M, BLOCK_N, BLOCK_R)
+    if HAS_W:
+        acc = _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
+                           stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K)
+    acc = _epilogue(acc, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem, stride_basen,
+                    HAS_BIAS, HAS_BASE)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@_autotune("grad")
+@_autotune("decode", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "NEED_U")
+@_jit
+def _decode_kernel(
+        # pointers
+        x_ptr, w_ptr, a_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr, out_ptr, u_ptr,
+        # sizes
+        M, N, K, R, alpha,
+        # strides
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_zn, stride_zr,
+        stride_bias, stride_basem, stride_basen, stride_om, stride_on, stride_um, stride_ur,
+        # autotune key
+        M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
+        # meta-parameters
+        HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
+        NEED_U: tl.constexpr, R_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """The whole forward for M ≤ BLOCK_M rows in one launch, one program per N-tile:
+    y = x·Wᵀ + s_m·(u ⊙ [j < b_m])·B[:, :R_CAP]ᵀ + bias + base with u = x·A[:b]ᵀ accumulated in the same K loop
+    (every program recomputes u: at this M it costs a re-read of A[:b] from L2, no extra launch, no extra pass over
+    x). Program 0 also writes u (fp32, zero beyond b_m) when NEED_U."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_CAP)
+    offs_k = tl.arange(0, BLOCK_K)
+    b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
+    r_end = tl.max(b, axis=0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, R_CAP), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_in = k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
+                        mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc = _dot(x, w, acc)
+        a = tl.load(a_ptr + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                    mask=k_in[:, None] & (offs_r[None, :] < r_end), other=0.0)
+        u = _dot(x, a, u)
+
+    low_rank = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr,
+                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+    acc = _epilogue(acc + alpha * low_rank, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias,
+                    stride_basem, stride_basen, HAS_BIAS, HAS_BASE)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if NEED_U:
+        u = tl.where(bad[:, None], float("nan"), tl.where(offs_r[None, :] < b[:, None], u, 0.0))
+        tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u,
+                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R) & (pid == 0))
+
+
+@_autotune("grad", "ONE_HOT", "PER_ROW")
 @_jit
 def _lora_grad_kernel(
         # pointers
-        p_ptr, q_ptr, rank_ptr, out_ptr,
+        p_ptr, q_ptr, rank_ptr, part_ptr,
         # sizes
-        M, K, R, alpha,
+        M, K, R, rows_per_split,
         # strides
-        stride_pm, stride_pr, stride_qm, stride_qk, stride_or, stride_ok,
+        stride_pm, stride_pr, stride_qm, stride_qk, stride_ws, stride_wr, stride_wk,
         # autotune key
-        M_BUCKET, N_BUCKET, K_BUCKET,
+        M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out (R, K) = Σ_m s_m·trained(m, j)·P[m, j]·Q[m, k]: dA = (s⊙v⊙trained)ᵀ·x, dB = gᵀ·(s⊙u⊙trained).
+    """part[s, j, k] (fp32) = Σ_{m in split s} trained(m, j)·(P[m, j]/b_m)·Q[m, k]: one split of dA = (v/b)ᵀ·x or
+    dBᵀ = (u/b)ᵀ·g over M (grid: slot blocks × K blocks × splits, so M ≥ 2048 fills the GPU).
 
-    P (M, R) fp32, Q (M, K); trained = [j < b_m] (full) or [j == b_m - 1] (ONE_HOT, frozen prefix).
-    Every element of out is written: slots no row trains get exact zeros.
+    P (M, R) fp32, Q (M, K); trained = [j < b_m] (full) or [j == b_m - 1] (ONE_HOT, frozen prefix). A row whose rank
+    is out of range turns every slot of its P row into NaN. Every element of the split's partial is written.
     """
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_end = M
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_r, pid_k, pid_s = tl.program_id(0) // num_k, tl.program_id(0) % num_k, tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_start = pid_s * rows_per_split
+    m_stop = min(M, m_start + rows_per_split)
     if not PER_ROW:
-        # One shared rank: a block of slots that holds no trained slot reads nothing. In frozen-prefix
-        # mode only the block holding slot b-1 works, reading its strip of Q once.
-        b = tl.load(rank_ptr).to(tl.int32)
-        first = tl.program_id(0) * BLOCK_R
-        if ONE_HOT:
-            hit = (first <= b - 1) & (b - 1 < first + BLOCK_R)
-        else:
-            hit = first < b
-        m_end = tl.where(hit, M, 0)
+        # One shared rank: a block of slots that holds no trained slot reads nothing (an out-of-range rank reads
+        # everything, to spread its NaN).
+        b, bad = _shared_rank(rank_ptr, R)
+        first = pid_r * BLOCK_R
+        hit = ((first <= b - 1) & (b - 1 < first + BLOCK_R)) if ONE_HOT else (first < b)
+        m_stop = tl.where(hit | bad, m_stop, m_start)
 
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, m_end, BLOCK_M):
+    for m0 in range(m_start, m_stop, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        rows = offs_m[:, None] < M
+        rows = offs_m[:, None] < m_stop
         p = tl.load(p_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_r[None, :] * stride_pr,
                     mask=rows & (offs_r[None, :] < R), other=0.0)
         q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qk,
                     mask=rows & (offs_k[None, :] < K), other=0.0)
-        p = _scale_slots(p, offs_r, _row_ranks(rank_ptr, offs_m, M, PER_ROW), alpha, ONE_HOT)
+        b, bad = _row_ranks(rank_ptr, offs_m, m_stop, R, PER_ROW)
+        p = tl.where(bad[:, None], float("nan"), _scale_slots(p, offs_r, b, ONE_HOT))
         acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc)
 
+    part_ptrs = part_ptr + pid_s * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
+    tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+
+
+@_autotune("gemv")
+@_jit
+def _frozen_gemv_kernel(
+        # pointers
+        p_ptr, q_ptr, rank_ptr, part_ptr,
+        # sizes
+        M, K, R, rows_per_split,
+        # strides
+        stride_pm, stride_pr, stride_qm, stride_qk, stride_ws, stride_wk,
+        # autotune key
+        M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
+        # meta-parameters
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[s, k] (fp32) = Σ_{m in split s} (P[m, b-1]/b)·Q[m, k] for one shared rank b: one split of the frozen
+    prefix's only trained row, dA[b-1] = (v[:, b-1]/b)ᵀ·x (grid: K blocks × splits). One streaming read of Q, no
+    tensor cores (a GEMV). Reads nothing when b is out of range (the finish kernel writes NaN then)."""
+    pid_k, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    b, bad = _shared_rank(rank_ptr, R)
+    m_start = pid_s * rows_per_split
+    m_stop = tl.where(bad, m_start, min(M, m_start + rows_per_split))
+    # No dot, so no software pipelining by the compiler: the next row block is loaded one iteration ahead by hand.
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    w_ptrs = p_ptr + offs_m.to(tl.int64) * stride_pm + (b - 1) * stride_pr
+    q_ptrs = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qk
+    rows = offs_m < m_stop
+    w_next = tl.load(w_ptrs, mask=rows, other=0.0)
+    q_next = tl.load(q_ptrs, mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_stop, BLOCK_M):
+        w, q = w_next, q_next
+        w_ptrs += BLOCK_M * stride_pm
+        q_ptrs += BLOCK_M * stride_qm
+        rows = offs_m < m_stop - (m0 - m_start) - BLOCK_M
+        w_next = tl.load(w_ptrs, mask=rows, other=0.0)
+        q_next = tl.load(q_ptrs, mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
+        acc += w[:, None] * q.to(tl.float32)
+    part = tl.sum(acc, axis=0) / tl.maximum(b, 1).to(tl.float32)
+    tl.store(part_ptr + pid_s * stride_ws + offs_k * stride_wk, part, mask=offs_k < K)
+
+
+@_jit
+def _finish_kernel(
+        # pointers
+        part_ptr, rank_ptr, out_ptr,
+        # sizes
+        K, R, n_parts, alpha,
+        # strides
+        stride_ws, stride_wr, stride_wk, stride_or, stride_ok,
+        # meta-parameters
+        ONE_SLOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (R, K) in the adapter dtype = alpha·Σ_s part[s], summed in the order s = 0, 1, ... (deterministic).
+
+    ONE_SLOT (frozen prefix, one shared rank b): part holds one row per split, which goes to out row b-1; every
+    other row is exactly 0, and all of out is NaN when b is out of range. Otherwise part[s] is (R, K).
+    """
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if ONE_SLOT:
+        b, bad = _shared_rank(rank_ptr, R)
+        first = tl.program_id(0) * BLOCK_R
+        s_end = tl.where((first <= b - 1) & (b - 1 < first + BLOCK_R), n_parts, 0)  # other blocks read nothing
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for s in range(0, s_end):
+            acc += tl.load(part_ptr + s * stride_ws + offs_k * stride_wk, mask=offs_k < K, other=0.0)
+        out = tl.where(offs_r[:, None] == b - 1, alpha * acc[None, :], 0.0)
+        out = tl.where(bad, float("nan"), out)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+        for s in range(0, n_parts):
+            acc += tl.load(part_ptr + s * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
+                           mask=mask, other=0.0)
+        out = alpha * acc
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_k[None, :].to(tl.int64) * stride_ok
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers: one per kernel, taking 2-D views (any strides) and writing into `out`
+# Launchers: one per kernel, taking 2-D views (any strides) and writing into the given outputs
 # --------------------------------------------------------------------------------------------
-def shrink(x: torch.Tensor, y: torch.Tensor, rank: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (M, R) fp32 = (x·yᵀ) ⊙ [j < b_m] for x (M, K), y (R, K)."""
+def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
+    return (0,) * dims if t is None else tuple(t.stride())
+
+
+def shrink(x, y, rank, out, fold_u=None, fold=None) -> int:
+    """out (M, R) fp32 = (x·yᵀ) ⊙ [j < b_m] for x (M, K), y (R, K). With ``fold_u`` (one shared rank) also
+    fold[p, k] = Σ_{m in row block p} (fold_u[m, b-1]/b)·x[m, k] for fold (≥ cdiv(M, 16), K) fp32. Returns the
+    number of row blocks written to ``fold`` (0 without it)."""
     M, K = x.shape
     R = y.shape[0]
     BLOCK_R = block_r(R)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R))
-    _shrink_kernel[grid](x, y, rank, out, M, K, R, *x.stride(), *y.stride(), *out.stride(),
-                         _bucket(M), _bucket(R), _bucket(K), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R)
-    return out
+    used = {}
+
+    def grid(meta):
+        used.update(meta)
+        return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R)
+
+    FOLD = fold_u is not None
+    _shrink_kernel[grid](x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
+                         *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y),
+                         PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R)
+    return triton.cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
-def fused_linear(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
-                 z: torch.Tensor, rank: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
-    """out (M, N) = x·yᵀ + bias + (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ for x (M, K), y (N, K), u (M, R), z (N, R)."""
+def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
+    """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + [x·yᵀ] + [bias] + [base] for x (M, K), y (N, K) or None,
+    u (M, R), z (N, R), base (M, N) or None."""
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _fused_linear_kernel[grid](x, y, bias, u, z, rank, out, M, N, K, R, float(alpha),
-                               *x.stride(), *y.stride(), 0 if bias is None else bias.stride(0),
-                               *u.stride(), *z.stride(), *out.stride(),
-                               _bucket(M), _bucket(N), _bucket(K),
-                               HAS_BIAS=bias is not None, PER_ROW=rank.dim() == 1, BLOCK_R=block_r(R))
+    _fused_linear_kernel[grid](x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
+                               *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
+                               *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z),
+                               HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                               PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R))
     return out
 
 
-def lora_grad(p: torch.Tensor, q: torch.Tensor, rank: torch.Tensor, alpha: float, frozen_prefix: bool,
-              out: torch.Tensor) -> torch.Tensor:
-    """out (R, K) = Σ_m (alpha/b_m)·trained(m, j)·p[m, j]·q[m, k] for p (M, R) fp32, q (M, K)."""
+# The decode kernel holds u (16 × R_CAP fp32) in registers and A's (BLOCK_K × R_CAP) tiles in shared memory:
+# R_CAP = 128 spills registers or overflows shared memory in several configs (sm_90a), R_CAP = 64 in none.
+DECODE_MAX_M, DECODE_MAX_R = 16, 64
+
+
+def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u) -> torch.Tensor:
+    """out (M ≤ 16, N) = x·wᵀ + (alpha/b_m)·(x·aᵀ ⊙ [j < b_m])·zᵀ + [bias] + [base] in one launch; writes u
+    (M, R) fp32 when it is not None."""
+    M, K = x.shape
+    N, R = z.shape
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+    _decode_kernel[grid](x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
+                         *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1), *_strides(base),
+                         *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K), layout(x, w, a, z),
+                         HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                         PER_ROW=rank.dim() == 1, NEED_U=u is not None,
+                         R_CAP=triton.next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M)
+    return out
+
+
+def finish(part, n_parts, rank, alpha, one_slot, out) -> torch.Tensor:
+    """out (R, K) = alpha·Σ_{s < n_parts} part[s] (part (S, R, K), or (S, K) into row b-1 with ``one_slot``)."""
+    R, K = out.shape
+    BLOCK_R = block_r(R)
+    BLOCK_K = 128 if BLOCK_R < 64 else 64
+    ws, wk = part.stride(0), part.stride(-1)
+    wr = part.stride(1) if part.dim() == 3 else 0
+    _finish_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(K, BLOCK_K))](
+        part, rank, out, K, R, n_parts, float(alpha), ws, wr, wk, *out.stride(),
+        ONE_SLOT=bool(one_slot), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    return out
+
+
+def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
+    """out (R, K) = Σ_m (alpha/b_m)·trained(m, j)·p[m, j]·q[m, k] for p (M, R) fp32, q (M, K): fp32 partials over
+    splits of M, then the fixed-order reduction (deterministic for a given M, device and config)."""
     M, K = q.shape
     R = p.shape[1]
     BLOCK_R = block_r(R)
-    grid = lambda meta: (triton.cdiv(R, BLOCK_R), triton.cdiv(K, meta["BLOCK_K"]))
-    _lora_grad_kernel[grid](p, q, rank, out, M, K, R, float(alpha),
-                            *p.stride(), *q.stride(), *out.stride(),
-                            _bucket(M), _bucket(R), _bucket(K),
+    splits, rows = split_rows(M, triton.cdiv(R, BLOCK_R) * triton.cdiv(K, 128), num_sms(q.device))
+    part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(R, BLOCK_R) * triton.cdiv(K, meta["BLOCK_K"]), splits)
+    _lora_grad_kernel[grid](p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                            bucket(M), bucket(R), bucket(K), layout(p, q),
                             ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R)
-    return out
+    return finish(part, splits, rank, alpha, False, out)
 
 
-# --------------------------------------------------------------------------------------------
-# The kernel contract (dylora_kernels/ops.py)
-# --------------------------------------------------------------------------------------------
-def _device_of(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it x's (a no-op context on CPU)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def forward(x, weight, bias, lora_A, lora_B, rank, alpha):
-    """(y, u): y = x·Wᵀ + bias + (alpha/b)·u·B[:, :b]ᵀ in x's dtype, u = x·A[:b]ᵀ fp32 (M, r_max)."""
-    M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
-    rank = rank.contiguous()  # per-row ranks are read at rank_ptr + m
-    with _device_of(x):
-        u = shrink(x, lora_A, rank, torch.empty(M, R, device=x.device, dtype=torch.float32))
-        y = fused_linear(x, weight, bias, u, lora_B, rank, alpha,
-                         torch.empty(M, N, device=x.device, dtype=x.dtype))
-    return y, u
-
-
-def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx):
-    """(dx, dA, dB): dx = g·W + s·v·A[:b] (empty unless compute_dx), with v = g·B[:, :b] fp32; dA and
-    dB on the trained slots (< b_m, or b_m - 1 in frozen-prefix mode), exactly zero elsewhere."""
-    (M, K), (N, R) = x.shape, lora_B.shape
-    rank = rank.contiguous()
-    dx = x.new_empty(0)
-    dA = torch.empty(R, K, device=x.device, dtype=lora_A.dtype)
-    dB = torch.empty(N, R, device=x.device, dtype=lora_B.dtype)
-    with _device_of(x):
-        v = shrink(grad, lora_B.t(), rank, torch.empty(M, R, device=x.device, dtype=torch.float32))
-        if compute_dx:
-            dx = fused_linear(grad, weight.t(), None, v, lora_A.t(), rank, alpha,
-                              torch.empty(M, K, device=x.device, dtype=x.dtype))
-        lora_grad(v, x, rank, alpha, frozen_prefix, dA)
-        lora_grad(u, grad, rank, alpha, frozen_prefix, dB.t())  # dBᵀ[j, n] = Σ_m s_m·trained·u[m, j]·g[m, n]
-    return dx, dA, dB
+def frozen_grad(p, q, rank, alpha, out) -> torch.Tensor:
+    """out (R, K): row b-1 = (alpha/b)·p[:, b-1]ᵀ·q for one shared rank b, every other row exactly 0."""
+    M, K = q.shape
+    R = p.shape[1]
+    splits, rows = split_rows(M, triton.cdiv(K, 128), num_sms(q.device))
+    part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
+    _frozen_gemv_kernel[grid](p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                              bucket(M), bucket(R), bucket(K), layout(p, q))
+    return finish(part, splits, rank, alpha, True, out)

@@ -1,0 +1,158 @@
+"""The fused linear kernel for sm_90+ (the "tma" variant): persistent grid, TMA tensor descriptors.
+
+    out = s_m·(U ⊙ [j < b_m])·Zᵀ + X·Yᵀ + [bias] + [base]        (s_m = alpha / b_m)
+          forward  y  (X = x, Y = W (N, K) read as is,             U = u, Z = B)
+          backward dx (X = g, Y = W (N, K) read as (K_out, N_contr), U = v, Z = Aᵀ)
+
+The same computation as ``kernels._fused_linear_kernel`` (and built from the same helpers); only the GEMM's data
+movement differs. One program per SM walks the output tiles (grouped order, for L2 reuse). Per tile, the fp32
+accumulator starts as the low-rank term (U and Z through masked pointer loads, never past the tile's largest
+rank), then the K loop streams X and Y tiles through TMA descriptors into shared memory, software-pipelined over
+num_stages buffers (wgmma on Hopper), and the epilogue adds bias and base and stores the tile through a TMA
+descriptor in two halves (EPILOGUE_SUBTILE), so the store buffer takes half a tile of shared memory.
+
+Descriptors are built on the host (``TensorDescriptor``); each config's block shapes are set by its pre_hook. TMA
+needs 16-byte aligned base pointers and row strides, unit last strides and 16-bit dtypes here: ``applies`` says
+when that holds, and the kernel contract offers this variant only then. Triton's interpreter runs these
+descriptors too (tests run the kernel on CPU tensors); the sm_90a compilation is checked by tests/sm90_compile.py.
+Autotune timings are not cached on disk for this kernel: triton 3.6 skips its disk cache for configs with
+pre_hooks.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_seed, _prune, _row_ranks, _strides, _tile_coords,
+                      bucket, num_sms, seed_block_r)
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _block_shapes(nargs):
+    """pre_hook: the descriptors' block shapes for the config about to run."""
+    BM, BN, BK = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [BM, BK]
+    nargs["y_desc"].block_shape = [BK, BN] if nargs["Y_KN"] else [BN, BK]
+    nargs["out_desc"].block_shape = [BM, BN // 2 if nargs["EPILOGUE_SUBTILE"] else BN]
+
+
+@triton.autotune(configs=_configs("tma", pre_hook=_block_shapes),
+                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "DTYPE_KEY", "Y_KN", "HAS_BIAS", "HAS_BASE", "PER_ROW"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "N_BUCKET", "K_BUCKET", "DTYPE_KEY"])
+def _fused_linear_tma_kernel(
+        # TMA descriptors and pointers
+        x_desc, y_desc, out_desc, u_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr,
+        # sizes
+        M, N, K, R, alpha,
+        # strides
+        stride_um, stride_ur, stride_zn, stride_zr, stride_bias, stride_basem, stride_basen,
+        # autotune key (DTYPE_KEY: x's dtype, which the autotuner cannot see through a descriptor)
+        M_BUCKET, N_BUCKET, K_BUCKET, DTYPE_KEY,
+        # meta-parameters
+        Y_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
+        BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr):
+    """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + X·Yᵀ + [bias] + [base], persistent over output tiles.
+
+    X (M, K) and Y ((N, K), or (K, N) with Y_KN) through TMA descriptors; U (M, R) fp32, Z (N, R), bias, base
+    through pointers; out through a TMA descriptor of block (BLOCK_M, BLOCK_N / 2) with EPILOGUE_SUBTILE.
+    """
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # Not a flattened loop nest (tl.range(..., flatten=True)): with the seed's own slot loop the nest does not
+    # flatten, and with a loop-free seed the flattened loop's TMA loads were not pipelined (triton 3.6, sm_90a).
+    for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
+        acc = _lowrank_seed(u_ptr, z_ptr, offs_m, n0 + tl.arange(0, BLOCK_N), b, M, N, alpha, stride_um, stride_ur,
+                            stride_zn, stride_zr, BLOCK_M, BLOCK_N, BLOCK_R)
+        for ki in range(k_tiles):
+            x = x_desc.load([m0, ki * BLOCK_K])
+            if Y_KN:
+                acc = tl.dot(x, y_desc.load([ki * BLOCK_K, n0]), acc)
+            else:
+                acc = tl.dot(x, y_desc.load([n0, ki * BLOCK_K]).T, acc)
+
+        if EPILOGUE_SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) stores: half the shared-memory store buffer
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _store_tile(out_desc, acc0, m0, n0, offs_m, bad, M, N, bias_ptr, base_ptr, stride_bias,
+                        stride_basem, stride_basen, HAS_BIAS, HAS_BASE, BLOCK_N // 2)
+            _store_tile(out_desc, acc1, m0, n0 + BLOCK_N // 2, offs_m, bad, M, N, bias_ptr, base_ptr, stride_bias,
+                        stride_basem, stride_basen, HAS_BIAS, HAS_BASE, BLOCK_N // 2)
+        else:
+            _store_tile(out_desc, acc, m0, n0, offs_m, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem,
+                        stride_basen, HAS_BIAS, HAS_BASE, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(out_desc, acc, m0, n0, offs_m, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem,
+                stride_basen, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, WIDTH: tl.constexpr):
+    """Epilogue of one (BLOCK_M, WIDTH) piece of a tile at (m0, n0): + bias + base, NaN rows, TMA store (the
+    descriptor clips rows and columns past the edges)."""
+    offs_n = n0 + tl.arange(0, WIDTH)
+    acc = _epilogue(acc, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem, stride_basen,
+                    HAS_BIAS, HAS_BASE)
+    out_desc.store([m0, n0], acc.to(out_desc.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Where TMA applies, and the launcher
+# --------------------------------------------------------------------------------------------
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A 2-D tensor TMA can address: non-empty, unit last stride, 16-byte aligned base and row stride."""
+    size = t.element_size()
+    return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_has_tma(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return _INTERPRET and device.type == "cpu"  # the interpreter runs TMA descriptors on CPU tensors
+
+
+def _device_ok(t: torch.Tensor) -> bool:
+    return _device_has_tma(t.device)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor | None, out_cols: int) -> bool:
+    """Whether the kernel can run with X = x (the forward's x, or the backward's g) against weight as stored,
+    writing a new contiguous (M, out_cols) output: sm_90+, 16-bit dtype shared with the weight, every TMA
+    operand 16-byte aligned with a unit last stride."""
+    return (weight is not None and x.dtype in DTYPES and weight.dtype == x.dtype and _device_ok(x)
+            and _tma_ok(x) and _tma_ok(weight) and out_cols > 0 and (out_cols * x.element_size()) % 16 == 0)
+
+
+def applies_dx(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """``applies`` for dx = g·W with g a contiguous (M, N) tensor of x's dtype, as autograd hands it (the
+    backward checks the real g before it launches)."""
+    return (weight is not None and x.shape[0] > 0 and (weight.shape[0] * x.element_size()) % 16 == 0
+            and x.dtype in DTYPES and weight.dtype == x.dtype and _device_ok(x) and _tma_ok(weight)
+            and (weight.shape[1] * x.element_size()) % 16 == 0)
+
+
+def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
+    """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + x·Wᵀ + [bias] + [base] for x (M, K) and the weight ``w`` as
+    stored: (N, K) (the forward), or (K, N) with ``w_kn`` (the backward's Wᵀ, read without a copy); u (M, R) fp32,
+    z (N, R), out (M, N) contiguous. Callers check ``applies`` first."""
+    M, K = x.shape
+    N, R = z.shape
+    placeholder = [16, 16]  # replaced by the pre_hook of the config that runs
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), placeholder) for t in (x, w, out)]
+    sms = num_sms(x.device)
+    grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+    _fused_linear_tma_kernel[grid](*descs, u, z, bias, base, rank, M, N, K, R, float(alpha),
+                                   *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base),
+                                   bucket(M), bucket(N), bucket(K), DTYPES.index(x.dtype),
+                                   Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                                   PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R), NUM_SMS=sms)
+    return out
