@@ -98,3 +98,37 @@ def test_host_time_of_one_forward(fresh_dispatcher):
         host_us = (time.perf_counter() - start) / 200 * 1e6
         torch.cuda.synchronize()
         print(f"{backend}: {host_us:.1f} µs host per forward")
+
+
+@pytest.mark.parametrize("variant", ["pointer", "decode", "tma"])
+def test_launches_skip_triton_python_after_the_first_call(monkeypatch, variant):
+    """After the first call per key every Triton kernel launches straight from its cached binary: the
+    autotuner's and the JIT's Python never run again, and the results are bitwise the same."""
+    import triton
+
+    from dylora_kernels import triton as tk
+
+    M = 8 if variant == "decode" else 300
+    t = make_inputs((M, 256), 192, 16, True, "contiguous", torch.bfloat16, "cuda")
+    x, W, bias, A, B = (t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+    if variant not in tk.variants("forward", x, W, A, B):
+        pytest.skip(f"{variant} does not apply on this GPU")
+    rank = per_row_ranks(M, 16).cuda()
+    g = torch.randn(M, 192, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        y, u = tk.forward(x, W, bias, None, A, B, rank, ALPHA, True, variant=variant)
+        back = tk.backward(g, x, W, A, B, u, rank, ALPHA, True, True, True,
+                           variant="tma" if variant == "tma" else "pointer")
+        return (y, *back)
+
+    first = call()
+    calls = []
+    for cls in (triton.runtime.Autotuner, triton.runtime.JITFunction):
+        original = cls.run
+        monkeypatch.setattr(cls, "run", lambda self, *a, _original=original, **k: (calls.append(self), _original(self, *a, **k))[1])
+    again = call()
+    torch.cuda.synchronize()
+    assert calls == [], f"triton's launch path ran again: {calls}"
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

@@ -29,6 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_seed, _prune, _row_ranks, _strides, _tile_coords,
                       bucket, num_sms, seed_block_r)
+from .launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -103,6 +104,9 @@ def _store_tile(out_desc, acc, m0, n0, offs_m, bad, M, N, bias_ptr, base_ptr, st
     out_desc.store([m0, n0], acc.to(out_desc.dtype))
 
 
+_LAUNCH = Launcher(_fused_linear_tma_kernel)  # launch.py: after the first call per key, no autotuner Python
+
+
 # --------------------------------------------------------------------------------------------
 # Where TMA applies, and the launcher
 # --------------------------------------------------------------------------------------------
@@ -150,9 +154,9 @@ def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), placeholder) for t in (x, w, out)]
     sms = num_sms(x.device)
     grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-    _fused_linear_tma_kernel[grid](*descs, u, z, bias, base, rank, M, N, K, R, float(alpha),
-                                   *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base),
-                                   bucket(M), bucket(N), bucket(K), DTYPES.index(x.dtype),
-                                   Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                                   PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R), NUM_SMS=sms)
+    _LAUNCH(grid, (*descs, u, z, bias, base, rank, M, N, K, R, float(alpha),
+                   *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base),
+                   bucket(M), bucket(N), bucket(K), DTYPES.index(x.dtype)),
+            dict(Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                 PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R), NUM_SMS=sms))
     return out

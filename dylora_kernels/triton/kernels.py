@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run on CPU tensors
 
 
@@ -565,6 +567,12 @@ def _finish_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers: one per kernel, taking 2-D views (any strides) and writing into the given outputs
 # --------------------------------------------------------------------------------------------
+# After the first call per key, each kernel launches straight through its compiled binary (launch.py).
+_launch = {name: Launcher(kernel) for name, kernel in (
+    ("shrink", _shrink_kernel), ("fused", _fused_linear_kernel), ("decode", _decode_kernel),
+    ("finish", _finish_kernel), ("grad", _lora_grad_kernel), ("gemv", _frozen_gemv_kernel))}
+
+
 def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
     return (0,) * dims if t is None else tuple(t.stride())
 
@@ -583,9 +591,9 @@ def shrink(x, y, rank, out, fold_u=None, fold=None) -> int:
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R)
 
     FOLD = fold_u is not None
-    _shrink_kernel[grid](x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
-                         *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y),
-                         PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R)
+    _launch["shrink"](grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
+                             *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y)),
+                      dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R))
     return triton.cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
@@ -595,11 +603,11 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _fused_linear_kernel[grid](x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
-                               *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
-                               *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z),
-                               HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                               PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R))
+    _launch["fused"](grid, (x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
+                            *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
+                            *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
+                     dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                          PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R)))
     return out
 
 
@@ -614,12 +622,13 @@ def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u) -> torch.Tensor:
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _decode_kernel[grid](x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
-                         *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1), *_strides(base),
-                         *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K), layout(x, w, a, z),
-                         HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                         PER_ROW=rank.dim() == 1, NEED_U=u is not None,
-                         R_CAP=triton.next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M)
+    _launch["decode"](grid, (x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
+                             *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
+                             *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
+                             layout(x, w, a, z)),
+                      dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                           PER_ROW=rank.dim() == 1, NEED_U=u is not None,
+                           R_CAP=triton.next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M))
     return out
 
 
@@ -630,9 +639,9 @@ def finish(part, n_parts, rank, alpha, one_slot, out) -> torch.Tensor:
     BLOCK_K = 128 if BLOCK_R < 64 else 64
     ws, wk = part.stride(0), part.stride(-1)
     wr = part.stride(1) if part.dim() == 3 else 0
-    _finish_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(K, BLOCK_K))](
-        part, rank, out, K, R, n_parts, float(alpha), ws, wr, wk, *out.stride(),
-        ONE_SLOT=bool(one_slot), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    _launch["finish"]((triton.cdiv(R, BLOCK_R), triton.cdiv(K, BLOCK_K)),
+                      (part, rank, out, K, R, n_parts, float(alpha), ws, wr, wk, *out.stride()),
+                      dict(ONE_SLOT=bool(one_slot), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K))
     return out
 
 
@@ -645,9 +654,9 @@ def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
     splits, rows = split_rows(M, triton.cdiv(R, BLOCK_R) * triton.cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(R, BLOCK_R) * triton.cdiv(K, meta["BLOCK_K"]), splits)
-    _lora_grad_kernel[grid](p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                            bucket(M), bucket(R), bucket(K), layout(p, q),
-                            ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R)
+    _launch["grad"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                           bucket(M), bucket(R), bucket(K), layout(p, q)),
+                    dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R))
     return finish(part, splits, rank, alpha, False, out)
 
 
@@ -658,6 +667,6 @@ def frozen_grad(p, q, rank, alpha, out) -> torch.Tensor:
     splits, rows = split_rows(M, triton.cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
-    _frozen_gemv_kernel[grid](p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                              bucket(M), bucket(R), bucket(K), layout(p, q))
+    _launch["gemv"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                           bucket(M), bucket(R), bucket(K), layout(p, q)), {})
     return finish(part, splits, rank, alpha, True, out)

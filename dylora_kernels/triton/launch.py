@@ -7,10 +7,11 @@ cache key, global checks): tens of µs of host time, as much as a decode-sized G
 and compiling); the compiled kernel it chose is kept, and later calls with the same key go straight
 to its C launcher, as Inductor's launchers do.
 
-The key is the caller's (dtypes, shape buckets, constexprs: what selects the config) plus the
-specialisation triton gives each runtime argument, computed with triton's own
-``native_specialize_impl`` (pointer dtype and 16-byte alignment, integers equal to 1 or divisible
-by 16, i32 vs i64): a launch never reuses a binary compiled for other assumptions.
+The key is what selects the config and the binary: the autotune key's values (shape buckets, layout
+codes), the constexprs, and the specialisation triton gives each runtime argument, computed with
+triton's own ``native_specialize_impl`` (dtypes, 16-byte alignment of pointers, integers equal to 1
+or divisible by 16, i32 vs i64, descriptor shapes): a launch never reuses a binary compiled for other
+assumptions. A config's pre_hook (e.g. setting TMA descriptor block shapes) runs on every launch.
 Under TRITON_INTERPRET=1 (CPU tensors) every call goes through triton: there is no binary.
 """
 from __future__ import annotations
@@ -23,19 +24,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class Launcher:
-    """Wraps one ``triton.autotune``-d kernel whose runtime parameters all precede its constexprs.
+    """Wraps one Triton kernel (``triton.autotune``-d or plain ``triton.jit``) whose runtime parameters
+    all precede its constexprs.
 
-    ``launcher(grid, args, constexprs, key)``: ``args`` are the runtime arguments in parameter
-    order, ``constexprs`` the caller's constexpr values by name (the config adds the tuned ones),
-    ``grid`` a callable of the meta-parameters (constexprs + config) or a tuple, ``key`` what else
-    distinguishes calls that may choose different configs (the autotune key is derived from args,
-    so passing it again is cheap insurance).
+    ``launcher(grid, args, constexprs)``: ``args`` are the runtime arguments in parameter order,
+    ``constexprs`` the caller's constexpr values by name (an autotuned config adds the tuned ones),
+    ``grid`` a callable of the meta-parameters (constexprs + config) or a tuple.
     """
 
     def __init__(self, tuner):
         self.tuner = tuner
-        fn = tuner.fn
-        while not isinstance(fn, triton.runtime.JITFunction):  # heuristics/autotune wrappers
+        if _INTERPRET:  # interpreted kernels: every call goes through triton (there is no binary)
+            return
+        fn = tuner
+        while not isinstance(fn, triton.runtime.JITFunction):  # autotune / heuristics wrappers
             fn = fn.fn
         self.fn = fn
         constexpr = [p.is_constexpr for p in fn.params]
@@ -46,6 +48,8 @@ class Launcher:
         self.constexpr_names = [p.name for p in fn.params[n_runtime:]]
         self.flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
                       for p in fn.params[:n_runtime]]
+        # The autotune key's runtime arguments (its constexpr members are in the constexprs, keyed anyway).
+        self.key_args = [i for i in (fn.arg_names.index(k) for k in getattr(tuner, "keys", ())) if i < n_runtime]
         self.cache: dict[tuple, tuple] = {}
 
     def specialisation(self, backend, args) -> tuple:
@@ -54,29 +58,33 @@ class Launcher:
         return tuple(native_specialize_impl(backend, arg, *flags)
                      for arg, flags in zip(args, self.flags))
 
-    def __call__(self, grid, args: tuple, constexprs: dict, key: tuple = ()):
+    def __call__(self, grid, args: tuple, constexprs: dict):
         if _INTERPRET:
             return self.tuner[grid](*args, **constexprs)
         from triton.runtime.driver import driver
         device = driver.active.get_current_device()
         caches = self.fn.device_caches.get(device)
+        key = (device, tuple(args[i] for i in self.key_args), tuple(constexprs.values()))
         full_key = None
         if caches is not None:  # known device: look for a kernel compiled for exactly these arguments
-            full_key = (device, key, self.specialisation(caches[3], args))
+            full_key = (*key, self.specialisation(caches[3], args))
             entry = self.cache.get(full_key)
             if entry is not None:
-                kernel, tail, meta = entry
+                kernel, tail, meta, pre_hook = entry
+                if pre_hook is not None:
+                    pre_hook({**dict(zip(self.fn.arg_names, args)), **meta})
                 grid_xyz = grid(meta) if callable(grid) else grid
                 return self._launch(kernel, grid_xyz, driver.active.get_current_stream(device), (*args, *tail))
         kernel = self.tuner[grid](*args, **constexprs)  # autotunes and compiles on first use
         if hasattr(kernel, "result"):  # an asynchronous compilation
             kernel = kernel.result()
         if full_key is None:
-            full_key = (device, key, self.specialisation(self.fn.device_caches[device][3], args))
+            full_key = (*key, self.specialisation(self.fn.device_caches[device][3], args))
         config = getattr(self.tuner, "best_config", None)
         meta = {**constexprs, **(config.kwargs if config is not None else {})}
-        if all(name in meta for name in self.constexpr_names):
-            self.cache[full_key] = (kernel, tuple(meta[name] for name in self.constexpr_names), meta)
+        if kernel is not None and all(name in meta for name in self.constexpr_names):
+            tail = tuple(meta[name] for name in self.constexpr_names)
+            self.cache[full_key] = (kernel, tail, meta, getattr(config, "pre_hook", None))
         return kernel
 
     @staticmethod
