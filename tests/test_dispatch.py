@@ -12,7 +12,10 @@ import torch
 
 import dylora_kernels
 from dylora_kernels import _C, backends, dispatch, ops
-from conftest import HAS_TRITON, make_inputs, reference_run, rel_err, run
+from conftest import CUDA, HAS_TRITON, make_inputs, reference_run, rel_err, run
+
+INTERPRETER = pytest.mark.skipif(CUDA or not HAS_TRITON, reason="runs the Triton kernels on CPU tensors in the "
+                                                                "interpreter (CI without a GPU)")
 
 
 class FakeTimer:
@@ -101,7 +104,7 @@ def test_router_times_on_first_call_only(monkeypatch):
     assert backends.DISPATCHER.memory == {("FakeGPU", "forward", "auto", 64): "triton"}  # the device index is not kept
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@INTERPRETER
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
 def test_backward_pairs_mix_families(frozen_prefix):
     """A "<dx>/<lora>" candidate takes dx from one implementation and dA, dB from another: here the C++
@@ -127,7 +130,7 @@ def test_schemas_agree_with_the_fallback():
         assert str(getattr(torch.ops.dylora, name).default._schema) == "dylora::" + schema
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@INTERPRETER
 def test_without_the_extension_triton_still_works():
     """With dylora_kernels._C unimportable (a failed build), the ops are defined in Python and the
     Triton kernels serve them (here in the interpreter): the shared op tests pass, cpp is refused clearly."""
