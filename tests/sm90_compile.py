@@ -24,6 +24,7 @@ Prints one line per compilation; exit status 1 if a check fails, 77 if this trit
 --quick: only each kernel's first large config in bf16 with the heaviest flags. tests/test_triton.py runs the
 full check in a subprocess.
 """
+import itertools
 import os
 import re
 import subprocess
@@ -94,7 +95,7 @@ KERNELS = {
     "grad": (kernels._lora_grad_kernel, kernels._configs("grad"),
              P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32"),
              {"dA/dB": P(stride_pr=1, stride_qk=1, stride_wk=1)},
-             (P(ONE_HOT=True, PER_ROW=True), P(ONE_HOT=False, PER_ROW=True)),
+             (P(ONE_HOT=True, PER_ROW=True), P(ONE_HOT=False, PER_ROW=False)),  # the launchers' two extremes
              "async"),
     "gemv": (kernels._frozen_gemv_kernel, kernels._configs("gemv"),
              P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32"),
@@ -216,8 +217,43 @@ def jobs(quick: bool):
                         yield name, layout, dtype, {**flag, **layout_fixed}, config
 
 
+# A False flag means no operand: the pointer arguments the launchers pass as None then.
+NONE_WHEN_FALSE = {"HAS_W": ("y_ptr", "w_ptr"), "HAS_BIAS": ("bias_ptr",), "HAS_BASE": ("base_ptr",),
+                   "NEED_U": ("u_ptr",), "FOLD": ("u_ptr", "fold_ptr")}
+
+
+def every_flag_combination():
+    """(kernel name, layout, constexprs) for every combination of the boolean flags a launcher may pass, with
+    the first config and bf16: each must at least compile (a flag combination never compiled before is how a
+    compile-time error, such as a loop-carried variable changing type, reaches a GPU)."""
+    for name, (tuner, configs, pointers, layouts, flag_sets, _) in KERNELS.items():
+        fn = tuner.fn if isinstance(tuner, Autotuner) else tuner
+        names = sorted({k for flags in flag_sets for k, v in flags.items() if isinstance(v, bool)})
+        for layout, layout_fixed in layouts.items():
+            for values in itertools.product((False, True), repeat=len(names)):
+                flags = dict(zip(names, values))
+                flags.update({k: v for k, v in layout_fixed.items() if isinstance(v, bool)})  # the layout decides
+                nones = {arg: None for flag, v in flags.items() if not v
+                         for arg in NONE_WHEN_FALSE.get(flag, ()) if arg in fn.arg_names}
+                yield name, layout, {**layout_fixed, **flags, **nones}
+
+
 def main() -> int:
     failures = 0
+    seen = set()
+    for name, layout, fixed in every_flag_combination():
+        tuner, configs, pointers, _, _, _ = KERNELS[name]
+        key = (name, layout, tuple(sorted(fixed.items(), key=lambda kv: kv[0])))
+        if key in seen:
+            continue
+        seen.add(key)
+        flags = ",".join(k for k, v in fixed.items() if v is True) or "-"
+        try:
+            compile_one(tuner, pointers, fixed, configs[0], "bf16")
+        except Exception as e:  # noqa: BLE001 - report every combination that does not compile
+            failures += 1
+            print(f"{name:6} {layout:5} [{flags}]: FAIL: does not compile: {str(e)[-600:]}", flush=True)
+    print(f"{len(seen)} flag combinations compiled", flush=True)
     for name, layout, dtype, fixed, config in jobs("--quick" in sys.argv):
         tuner, _, pointers, _, _, loop = KERNELS[name]
         compiled = compile_one(tuner, pointers, fixed, config, dtype)

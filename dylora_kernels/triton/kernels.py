@@ -465,10 +465,12 @@ def _lora_grad_kernel(
     if not PER_ROW:
         # One shared rank: a block of slots that holds no trained slot reads nothing (an out-of-range rank reads
         # everything, to spread its NaN).
-        b, bad = _shared_rank(rank_ptr, R)
+        # (its own names: b and bad are per-row vectors in the loop below, and a loop-carried variable must
+        # keep one type when compiled.)
+        shared_b, shared_bad = _shared_rank(rank_ptr, R)
         first = pid_r * BLOCK_R
-        hit = ((first <= b - 1) & (b - 1 < first + BLOCK_R)) if ONE_HOT else (first < b)
-        m_stop = tl.where(hit | bad, m_stop, m_start)
+        hit = ((first <= shared_b - 1) & (shared_b - 1 < first + BLOCK_R)) if ONE_HOT else (first < shared_b)
+        m_stop = tl.where(hit | shared_bad, m_stop, m_start)
 
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_start, m_stop, BLOCK_M):
