@@ -122,6 +122,7 @@ def test_launches_skip_triton_python_after_the_first_call(monkeypatch, variant):
                            variant="tma" if variant == "tma" else "pointer")
         return (y, *back)
 
+    call()  # the first launch on a device goes through triton before the launcher can key its cache
     first = call()
     calls = []
     for cls in (triton.runtime.Autotuner, triton.runtime.JITFunction):

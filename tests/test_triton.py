@@ -409,7 +409,9 @@ def test_skipped_outputs_and_inference():
 
 @pytest.mark.parametrize("rank_dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
 def test_any_integer_rank_dtype(rank_dtype):
-    """The kernels load the rank as whatever integer type it is: the same numbers as int64, bit for bit."""
+    """The kernels load the rank as whatever integer type it is: the same numbers as int64 (bit for bit in the
+    interpreter; on a GPU the rank's dtype is part of the autotune key, so another config may be chosen and
+    the tf32 sums differ by rounding)."""
     M, K, N = SHAPES["decode"]
     t = make(M, K, N, 9)
     for rank in (torch.tensor(4), per_row_ranks(M, 9)):
@@ -417,7 +419,10 @@ def test_any_integer_rank_dtype(rank_dtype):
             for frozen_prefix in (False, True):
                 want = run(t, rank.to(DEVICE), frozen_prefix, variant)
                 got = run(t, rank.to(DEVICE, rank_dtype), frozen_prefix, variant)
-                assert all(torch.equal(a, b) for a, b in zip(got, want))
+                if CUDA:
+                    assert all(rel_err(a, b) <= tolerance("triton", torch.float32) for a, b in zip(got, want))
+                else:
+                    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_split_gradients_are_deterministic_and_split():

@@ -64,28 +64,30 @@ class Launcher:
         from triton.runtime.driver import driver
         device = driver.active.get_current_device()
         caches = self.fn.device_caches.get(device)
-        key = (device, tuple(args[i] for i in self.key_args), tuple(constexprs.values()))
-        full_key = None
-        if caches is not None:  # known device: look for a kernel compiled for exactly these arguments
-            full_key = (*key, self.specialisation(caches[3], args))
-            entry = self.cache.get(full_key)
-            if entry is not None:
-                kernel, tail, meta, pre_hook = entry
-                if pre_hook is not None:
-                    pre_hook({**dict(zip(self.fn.arg_names, args)), **meta})
-                grid_xyz = grid(meta) if callable(grid) else grid
-                return self._launch(kernel, grid_xyz, driver.active.get_current_stream(device), (*args, *tail))
-        kernel = self.tuner[grid](*args, **constexprs)  # autotunes and compiles on first use
-        if hasattr(kernel, "result"):  # an asynchronous compilation
-            kernel = kernel.result()
-        if full_key is None:
-            full_key = (*key, self.specialisation(self.fn.device_caches[device][3], args))
-        config = getattr(self.tuner, "best_config", None)
-        meta = {**constexprs, **(config.kwargs if config is not None else {})}
-        if kernel is not None and all(name in meta for name in self.constexpr_names):
-            tail = tuple(meta[name] for name in self.constexpr_names)
-            self.cache[full_key] = (kernel, tail, meta, getattr(config, "pre_hook", None))
-        return kernel
+        if caches is None:  # the first launch on this device: triton sets up its caches (and our key's backend)
+            return self._through_triton(grid, args, constexprs)
+        # The key is computed before anything runs: a config's pre_hook changes its arguments (TMA descriptor
+        # block shapes), so a key taken afterwards would never be found again.
+        key = (device, tuple(args[i] for i in self.key_args), tuple(constexprs.values()),
+               self.specialisation(caches[3], args))
+        entry = self.cache.get(key)
+        if entry is None:
+            kernel, config = self._through_triton(grid, args, constexprs), getattr(self.tuner, "best_config", None)
+            meta = {**constexprs, **(config.kwargs if config is not None else {})}
+            if kernel is not None and all(name in meta for name in self.constexpr_names):
+                tail = tuple(meta[name] for name in self.constexpr_names)
+                self.cache[key] = (kernel, tail, meta, getattr(config, "pre_hook", None))
+            return kernel
+        kernel, tail, meta, pre_hook = entry
+        if pre_hook is not None:
+            pre_hook({**dict(zip(self.fn.arg_names, args)), **meta})
+        grid_xyz = grid(meta) if callable(grid) else grid
+        return self._launch(kernel, grid_xyz, driver.active.get_current_stream(device), (*args, *tail))
+
+    def _through_triton(self, grid, args, constexprs):
+        """triton's own launch (autotuning and compiling on first use); the compiled kernel it ran."""
+        kernel = self.tuner[grid](*args, **constexprs)
+        return kernel.result() if hasattr(kernel, "result") else kernel  # an asynchronous compilation
 
     @staticmethod
     def _launch(kernel, grid, stream, all_args):
