@@ -6,7 +6,8 @@ Tiny shapes (M = 1, K = N = 64, r_max = 8, b = 4, fp32, one thread): F.linear, n
 slicing, ``dylora_linear`` and ``DyLoRALinear``, forward (no grad) and forward + backward (x, A, B
 need grad) in frozen-prefix and full mode, with the rank as an int, a 0-d tensor and a per-row
 tensor. Targets: dylora_linear ≤ F.linear + 20 µs (forward) / + 60 µs (forward + backward),
-DyLoRALinear ≤ nn.Linear + 25 µs, and never above naive slicing. Raw JSON: bench/overhead_results.json.
+DyLoRALinear ≤ nn.Linear + 25 µs (forward; forward + backward: the functional budget, + 60 µs),
+and never above naive slicing. Raw JSON: bench/overhead_results.json.
 """
 import json
 import os
@@ -19,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "overhead_results.json")
 BUDGET_US = {"forward": 20.0, "frozen": 60.0, "full": 60.0}
-MODULE_BUDGET_US = 25.0
+MODULE_BUDGET_US = {"forward": 25.0, "frozen": 60.0, "full": 60.0}
 PASS_NAMES = {"forward": "forward", "frozen": "fwd+bwd frozen-prefix", "full": "fwd+bwd full"}
 
 
@@ -40,14 +41,14 @@ def main(argv):
         t["dylora_linear"] = bench["stats"]["median"] / info["iterations"] * 1e6
         mode = info["mode"]
         extra, module_extra = t["dylora_linear"] - t["F.linear"], t["DyLoRALinear"] - t["nn.Linear"]
-        ok_extra, ok_module = extra <= BUDGET_US[mode], module_extra <= MODULE_BUDGET_US
+        ok_extra, ok_module = extra <= BUDGET_US[mode], module_extra <= MODULE_BUDGET_US[mode]
         ok_naive = max(t["dylora_linear"], t["DyLoRALinear"]) <= t["naive"]
         missed += not (ok_extra and ok_module and ok_naive)
         mark = lambda ok: "ok" if ok else "MISSED"
         print(f"| {PASS_NAMES[mode]} | {info['rank_kind']} | {t['F.linear']:.1f} | {t['nn.Linear']:.1f} | "
               f"{t['naive']:.1f} | {t['dylora_linear']:.1f} | {t['DyLoRALinear']:.1f} | "
               f"+{extra:.1f} (≤ +{BUDGET_US[mode]:.0f} {mark(ok_extra)}) | "
-              f"+{module_extra:.1f} (≤ +{MODULE_BUDGET_US:.0f} {mark(ok_module)}) | {mark(ok_naive)} |")
+              f"+{module_extra:.1f} (≤ +{MODULE_BUDGET_US[mode]:.0f} {mark(ok_module)}) | {mark(ok_naive)} |")
     print(f"\n{missed} row(s) missed a target")
     return 0
 
