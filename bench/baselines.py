@@ -1,4 +1,5 @@
-"""What every benchmark compares, defined once (bench_gpu.py imports it; so can the CPU benchmark).
+"""What every benchmark compares, and how the GPU ones time it, defined once (bench_gpu.py,
+bench_kernels.py and the CPU benchmarks import it).
 
 Each entry is ``fn(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix) -> y``:
 
@@ -12,11 +13,30 @@ Each entry is ``fn(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix) 
 ``rank`` is an int for F.linear, naive and addmm (they slice on the host); dylora also takes a 0-d
 integer tensor on x's device, the form training loops use (no host-to-device copy per call).
 """
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 
 import dylora_kernels
 from dylora_kernels import reference
+
+
+def median_ms(fn, wall_clock: bool = False, **do_bench):
+    """Median milliseconds of ``fn`` after a warm-up call (compilation, autotuning and the dispatcher's
+    measurement happen there): triton.testing.do_bench on a GPU, or three wall-clock calls (``wall_clock``:
+    the CPU dry runs, where the numbers only check the plumbing)."""
+    fn()
+    if wall_clock:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, return_mode="median", **do_bench)
 
 
 def f_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix):

@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -30,9 +29,10 @@ if DRY_RUN:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines as timing  # noqa: E402
 from baselines import IMPLS  # noqa: E402
 
-import dylora_kernels  # noqa: E402
+import dylora_kernels  # noqa: E402,F401  (registers the ops before baselines use them)
 from dylora_kernels import backends  # noqa: E402
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096)]
@@ -46,16 +46,7 @@ PEERS = ("F.linear", "naive", "addmm")
 
 
 def median_ms(fn):
-    fn()  # warm-up: compilation, autotuning and the dispatcher's measurement happen here
-    if DRY_RUN:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    return timing.median_ms(fn, wall_clock=DRY_RUN, warmup=10, rep=40)
 
 
 def package_paths(shape):

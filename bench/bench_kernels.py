@@ -15,9 +15,7 @@ timer, no profiler): the numbers mean nothing.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:
@@ -29,6 +27,9 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dylora_kernels.triton as T  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import median_ms  # noqa: E402
+
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096)]
 R_MAX, RANKS, ALPHA, DTYPE, DEVICE = 64, (8, 32), 16.0, torch.bfloat16, "cuda"
 if DRY_RUN:
@@ -36,16 +37,7 @@ if DRY_RUN:
 
 
 def median_us(fn):
-    fn()  # warm-up: compilation and autotuning happen here
-    if DRY_RUN:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e6
-    import triton.testing
-    return triton.testing.do_bench(fn, return_mode="median") * 1e3
+    return median_ms(fn, wall_clock=DRY_RUN) * 1e3
 
 
 def kernel_times(fn):

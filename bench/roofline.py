@@ -10,7 +10,6 @@ whatever b is), and max(bytes / bandwidth, FLOPs / peak) on an H200 (4.8 TB/s) a
 ~790 dense bf16 TFLOP/s. Launch latency, pipeline ramp-up, tail effects and L2 misses are not modelled. The
 F.linear row is the same model for cuBLAS's GEMM (and its dx GEMM for forward + backward).
 """
-import math
 import os
 import sys
 

@@ -109,6 +109,11 @@ void write_scaled_mm(Tensor out, const Tensor& a, const Tensor& b, double s) {
 // backward product g·B[:, :b] therefore runs at least this wide and the extra columns are dropped.
 constexpr int64_t kMinCpuGemmWidth = 16;
 
+// (dx, dA, dB) as the empty tensors the backward returns for what it is not asked to compute.
+std::tuple<Tensor, Tensor, Tensor> not_computed(const Tensor& x, const Tensor& lora_A, const Tensor& lora_B) {
+  return {at::empty({0}, x.options()), at::empty({0}, lora_A.options()), at::empty({0}, lora_B.options())};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ranks read on the host (CPU rank tensors), checked without building temporaries
 // ---------------------------------------------------------------------------------------------
@@ -208,9 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_host_rank(
   const auto acc = intermediate_dtype(x, lora_A);
   const int64_t r_max = lora_A.size(0);
   const HostRank r = read_host_rank(rank, r_max);
-  Tensor dx = at::empty({0}, x.options());
-  Tensor dA = at::empty({0}, lora_A.options());
-  Tensor dB = at::empty({0}, lora_B.options());
+  auto [dx, dA, dB] = not_computed(x, lora_A, lora_B);
   if (compute_lora) {
     dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
     dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
@@ -331,9 +334,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_device_rank(
   const DeviceRank d = device_rank(rank, r_max, acc);
   // v = g·B in x's dtype; a NaN in an unused column of B only reaches v's unused columns, selected away.
   const Tensor v = at::mm(grad, lora_B.to(dtype));
-  Tensor dx = at::empty({0}, x.options());
-  Tensor dA = at::empty({0}, lora_A.options());
-  Tensor dB = at::empty({0}, lora_B.options());
+  auto [dx, dA, dB] = not_computed(x, lora_A, lora_B);
   if (compute_dx) {
     const Tensor A_kept = at::where(d.kept.t(), lora_A, 0);  // rows no row uses: zero (NaN cannot leak)
     if (rank.dim() == 0) {

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import numpy as np
 import torch

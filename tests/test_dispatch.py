@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-import dylora_kernels
-from dylora_kernels import _C, backends, dispatch, ops
-from conftest import CUDA, HAS_TRITON, make_inputs, reference_run, rel_err, run
+from dylora_kernels import backends, dispatch, ops
+from conftest import CUDA, HAS_TRITON, make_inputs, reference_run, rel_err
 
-INTERPRETER = pytest.mark.skipif(CUDA or not HAS_TRITON, reason="runs the Triton kernels on CPU tensors in the "
+_C = ops._C
+INTERPRETER = pytest.mark.skipif(CUDA or not HAS_TRITON or _C is None, reason="runs the Triton kernels on CPU tensors in the "
                                                                 "interpreter (CI without a GPU)")
 
 
