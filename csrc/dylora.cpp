@@ -67,10 +67,11 @@ Tensor scaled_mm(const Tensor& a, const Tensor& b, double alpha, const optional<
 }
 
 // y = x·Wᵀ + bias + base + alpha·lhs·rhs (weight, bias, base optional) in two GEMMs, no elementwise pass
-// over y. The order is the one measured faster per device: on the CPU the skinny low-rank GEMM writes y
-// (seeded with base or bias) and MKL's big GEMM accumulates onto it (beta = 1); on CUDA the big GEMM runs
-// first as cuBLAS does it best (beta = 0, bias in its epilogue) and the low-rank GEMM accumulates onto
-// it (H200, 8192×4096×4096 bf16: 1.23× F.linear against 1.32× the other way round).
+// over y. On the CPU the skinny low-rank GEMM writes y (seeded with base or bias) and MKL's big GEMM
+// accumulates onto it (beta = 1): measured faster there. On CUDA the big GEMM runs first, as cuBLAS runs
+// it best (beta = 0, bias in its epilogue), and the low-rank GEMM accumulates onto it, the order of the
+// addmm peer (H200, 8192×4096×4096 bf16: the peer 1.22–1.31× F.linear; this path 1.32× the other way
+// round, 1.30–1.31× this way: within that machine's run-to-run spread).
 Tensor linear_plus_low_rank(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                             const optional<Tensor>& base, const Tensor& lhs, const Tensor& rhs, double alpha) {
   if (x.is_cuda() && weight.has_value()) {
