@@ -85,12 +85,11 @@ Tensor linear_plus_low_rank(const Tensor& x, const optional<Tensor>& weight, con
   return y;
 }
 
-// dx = g·W + alpha·lhs·rhs in the same per-device order.
+// dx = g·W + alpha·lhs·rhs: the same composition, with Wᵀ as the "weight" (a view, nothing copied).
 Tensor grad_input(const Tensor& grad, const optional<Tensor>& weight, const Tensor& lhs, const Tensor& rhs,
                   double alpha) {
-  if (grad.is_cuda() && weight.has_value()) return at::mm(grad, *weight).addmm_(lhs, rhs, 1.0, alpha);
-  Tensor dx = scaled_mm(lhs, rhs, alpha, std::nullopt);
-  return weight.has_value() ? dx.addmm_(grad, *weight) : dx;
+  const optional<Tensor> weight_t = weight.has_value() ? optional<Tensor>(weight->t()) : std::nullopt;
+  return linear_plus_low_rank(grad, weight_t, std::nullopt, std::nullopt, lhs, rhs, alpha);
 }
 
 // out = s · a · b written into `out` (a view of a gradient buffer): in place when the dtypes agree,

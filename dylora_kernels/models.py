@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import DyLoRALinear
-from .ops import check_rank, intermediate_dtype
+from .ops import check_int_rank, intermediate_dtype
 from .reference import rank_masks
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model: PEFT's state-dict key prefix
@@ -295,7 +295,7 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
         b = adapter.rank if rank is None else rank
         if isinstance(b, bool) or not isinstance(b, int):
             raise ValueError(f"merge: layer {name} has a per-row rank; pass an int rank")
-        check_rank(b, adapter.r_max, adapter.weight.device)
+        check_int_rank(b, adapter.r_max)
     for name, adapter in layers:
         adapter.set_rank(adapter.rank if rank is None else rank)  # unmerge() keeps this rank
         W = adapter.weight

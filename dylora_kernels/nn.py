@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from .ops import check_alpha, check_rank, dylora_linear
+from .ops import check_alpha, check_int_rank, check_rank, dylora_linear
 
 
 class DyLoRALinear(nn.Module):
@@ -75,8 +75,7 @@ class DyLoRALinear(nn.Module):
         buffer (no new tensor: no recompilation); a per-row rank replaces the buffer with an int64 copy
         (the caller's tensor is never kept: a later in-place change would write into it)."""
         if not isinstance(rank, Tensor) and self._rank.dim() == 0:
-            b = check_rank(rank, self.r_max, torch.device("cpu")).item()  # host range check only
-            self._rank.fill_(b)  # in place: no new tensor, no recompilation, no host sync
+            self._rank.fill_(check_int_rank(rank, self.r_max))  # in place: no new tensor, no recompilation
             return
         checked = check_rank(rank, self.r_max, self._rank.device)  # a new int64 tensor
         if checked.dim() == 0 and self._rank.dim() == 0:

@@ -223,25 +223,8 @@ def _rank_argument(rank, r_max: int, x: Tensor) -> Tensor:
     (a host value: no device copy, no sync); a tensor's type, shape and device are checked here, its
     values by the kernel that reads it (CPU: ValueError; device: NaN rows, never garbage)."""
     if isinstance(rank, Tensor):
-        if rank.dtype not in RANK_DTYPES:
-            raise TypeError(f"rank tensor must have an integer dtype, got {rank.dtype} "
-                            f"(allowed: {', '.join(str(d).removeprefix('torch.') for d in RANK_DTYPES)})")
-        if rank.dim() == 1:
-            rows = math.prod(x.shape[:-1])
-            if rank.shape[0] != rows:
-                raise ValueError(f"rank tensor must be 0-d or 1-D with one rank per row of x.reshape(-1, K) "
-                                 f"({rows} rows), got shape {tuple(rank.shape)}")
-        elif rank.dim() != 0:
-            raise ValueError(f"rank tensor must be 0-d or 1-D with one rank per row of x.reshape(-1, K), "
-                             f"got shape {tuple(rank.shape)}")
-        if rank.device != x.device and not (rank.dim() == 0 and rank.device.type == "cpu"):
-            raise ValueError(f"rank tensor must be on x's device {x.device} (or be a 0-d CPU tensor), "
-                             f"got {rank.device}")
-        return rank
-    b = _as_int(rank, "rank")
-    if not 1 <= b <= r_max:
-        raise ValueError(f"rank must be in [1, r_max] = [1, {r_max}], got {b}")
-    return _host_rank(b)
+        return _check_rank_tensor(rank, x.device, "x's device", lambda: math.prod(x.shape[:-1]))
+    return _host_rank(check_int_rank(rank, r_max))
 
 
 _HOST_RANKS: dict[int, Tensor] = {}
@@ -257,10 +240,29 @@ def _host_rank(b: int) -> Tensor:
     return t
 
 
-def _as_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int or an integer tensor, got {type(value).__name__}")
-    return int(value)
+def check_int_rank(rank, r_max: int) -> int:
+    """A Python/NumPy integer rank, range-checked on the host: the int, or a TypeError / ValueError."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an int or an integer tensor, got {type(rank).__name__}")
+    b = int(rank)
+    if not 1 <= b <= r_max:
+        raise ValueError(f"rank must be in [1, r_max] = [1, {r_max}], got {b}")
+    return b
+
+
+def _check_rank_tensor(rank: Tensor, device: torch.device, where: str, rows) -> Tensor:
+    """A rank tensor's dtype, shape and device (not its values): an integer dtype, 0-d or 1-D with
+    ``rows()`` entries (``rows`` None: any length), on ``device`` or a 0-d CPU tensor (a host value)."""
+    if rank.dtype not in RANK_DTYPES:
+        raise TypeError(f"rank tensor must have an integer dtype, got {rank.dtype} "
+                        f"(allowed: {', '.join(str(d).removeprefix('torch.') for d in RANK_DTYPES)})")
+    if rank.dim() > 1 or (rank.dim() == 1 and rows is not None and rank.shape[0] != rows()):
+        expected = "" if rows is None or rank.dim() > 1 else f" ({rows()} rows)"
+        raise ValueError(f"rank tensor must be 0-d or 1-D with one rank per row of x.reshape(-1, K)"
+                         f"{expected}, got shape {tuple(rank.shape)}")
+    if rank.device != device and not (rank.dim() == 0 and rank.device.type == "cpu"):
+        raise ValueError(f"rank tensor must be on {where} {device} (or be a 0-d CPU tensor), got {rank.device}")
+    return rank
 
 
 def check_rank(rank, r_max: int, device: torch.device, rows: int | None = None) -> Tensor:
@@ -268,17 +270,8 @@ def check_rank(rank, r_max: int, device: torch.device, rows: int | None = None) 
     type and shape always, values on the host for CPU tensors (with ``torch._assert_async`` on an
     accelerator: no host sync). For DyLoRALinear.set_rank and the model helpers, not per call."""
     if not isinstance(rank, Tensor):
-        b = _as_int(rank, "rank")
-        if not 1 <= b <= r_max:
-            raise ValueError(f"rank must be in [1, r_max] = [1, {r_max}], got {b}")
-        return torch.full((), b, dtype=torch.int64, device=device)
-    if rank.dtype not in RANK_DTYPES:
-        raise TypeError(f"rank tensor must have an integer dtype, got {rank.dtype}")
-    if rank.dim() > 1 or (rank.dim() == 1 and rows is not None and rank.shape[0] != rows):
-        raise ValueError(f"rank tensor must be 0-d or 1-D with one rank per row"
-                         f"{'' if rows is None else f' ({rows} rows)'}, got shape {tuple(rank.shape)}")
-    if rank.device != device and not (rank.device.type == "cpu" and rank.dim() == 0):
-        raise ValueError(f"rank tensor must be on {device}, got {rank.device}")
+        return torch.full((), check_int_rank(rank, r_max), dtype=torch.int64, device=device)
+    _check_rank_tensor(rank, device, "the layer's device", None if rows is None else lambda: rows)
     rank = rank.to(device, torch.int64, copy=True)  # a copy in one dtype: never the caller's tensor
     check_rank_values(rank, r_max)
     return rank

@@ -13,7 +13,8 @@ import torch
 
 import dylora_kernels
 from dylora_kernels import reference
-from conftest import BACKENDS, HAS_EXTENSION, HAS_TRITON, device_of, make_inputs, per_row_ranks, rel_err, tolerance
+from conftest import (BACKENDS, HAS_EXTENSION, HAS_TRITON, device_of, make_inputs, per_row_ranks, reference_run,
+                      rel_err, run, tolerance)
 
 _C = dylora_kernels.ops._C
 
@@ -29,13 +30,11 @@ def device_rank_path(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix
 
 
 def public_api(backend):
-    def run(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, grad):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_A, lora_B)]
-        y = dylora_kernels.dylora_linear(leaves[0], weight, bias, leaves[1], leaves[2], rank, alpha,
-                                         frozen_prefix=frozen_prefix, backend=backend)
-        y.backward(grad)
-        return (y.detach(), *(t.grad for t in leaves))
-    return run
+    """y, dx, dA, dB through dylora_linear with ``backend`` (conftest.run), in device_rank_path's signature."""
+    def call(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, grad):
+        inputs = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+        return run(inputs, rank, alpha, frozen_prefix, backend, grad)
+    return call
 
 
 PATHS = {name: public_api(name) for name in BACKENDS} | {"reference": public_api("reference")}
@@ -52,13 +51,6 @@ def path_params(dtypes=(torch.float32,)):
                 continue
             params.append(pytest.param(name, device, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}"))
     return params
-
-
-def float64_reference(inputs, rank, frozen_prefix, grad):
-    clean = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
-    rank = rank.cpu() if isinstance(rank, torch.Tensor) else rank
-    return public_api("reference")(clean["x"], clean["weight"], clean["bias"], clean["lora_A"], clean["lora_B"],
-                                   rank, ALPHA, frozen_prefix, grad.double().cpu())
 
 
 @pytest.mark.parametrize("name,device,dtype", path_params())
@@ -83,7 +75,7 @@ def test_unused_slots_never_reach_outputs(name, device, dtype, rank_kind, frozen
     grad = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ours = PATHS[name](*(poisoned[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")), rank, ALPHA,
                        frozen_prefix, grad)
-    expected = float64_reference(inputs, rank, frozen_prefix, grad)
+    expected = reference_run(inputs, rank, ALPHA, frozen_prefix, grad)
     tol = tolerance(name if name in BACKENDS else "cpp", dtype)
     for what, out, ref in zip(("y", "dx", "dA", "dB"), ours, expected):
         assert torch.isfinite(out).all(), f"{what}: a non-finite value from an unused slot leaked through"
@@ -215,17 +207,9 @@ def test_randomized_differential(backend):
         inputs, rank, rows = make_case(case, device)
         out_shape = (*case["lead"], case["N"])
         grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(i)).to(device, case["dtype"])
-        leaves = {k: (v.detach().clone() if k != "x" else v.detach()).requires_grad_(True)
-                  for k, v in inputs.items() if k in ("x", "lora_A", "lora_B")}
-        y = dylora_kernels.dylora_linear(leaves["x"], inputs["weight"], inputs["bias"], leaves["lora_A"],
-                                         leaves["lora_B"], rank, case["alpha"], frozen_prefix=case["frozen_prefix"],
-                                         backend=backend)
-        y.backward(grad)
-        ours = (y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad)
-        clean = {k: None if v is None else v.detach().cpu().double() for k, v in inputs.items()}
+        ours = run(inputs, rank, case["alpha"], case["frozen_prefix"], backend, grad)
+        expected = reference_run(inputs, rank, case["alpha"], case["frozen_prefix"], grad)
         ref_rank = rank.cpu() if isinstance(rank, torch.Tensor) else rank
-        expected = public_api("reference")(clean["x"], clean["weight"], clean["bias"], clean["lora_A"], clean["lora_B"],
-                                           ref_rank, case["alpha"], case["frozen_prefix"], grad.double().cpu())
         tol = tolerance(backend, case["dtype"])
         for what, out, ref in zip(("y", "dx", "dA", "dB"), ours, expected):
             if ref.numel() and ref.abs().max() >= torch.finfo(case["dtype"]).max / 2:
