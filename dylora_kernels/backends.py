@@ -13,7 +13,8 @@ and for the backward also the pairs "<dx>/<lora>" (dx from one, dA and dB from a
 a named backend restricts the choice to itself (``"triton"``: to the Triton variants). The key is
 everything that changes which one is fastest and nothing that changes per call: the op, device,
 dtypes, which optional operands are present, per-row vs shared rank, where the rank lives, the mode,
-M rounded up to a power of two, N, K, r_max, and whether the operands suit TMA. After the first call
+M rounded up to a power of two, N, K, r_max, whether the GEMM's operands suit TMA and whether the others'
+rows are contiguous. After the first call
 for a key the cost of choosing is one dictionary lookup.
 """
 from __future__ import annotations
@@ -84,8 +85,9 @@ def _tma_ready(t: Tensor | None) -> bool:
     return t is None or (t.stride(-1) == 1 and not (t.data_ptr() | t.stride(0) * t.element_size()) & 15)
 
 
-def _layout(*tensors: Tensor | None) -> tuple[bool, ...]:
-    return tuple(_tma_ready(t) for t in tensors)
+def _rows(t: Tensor | None) -> bool:
+    """Whether rows are contiguous (pointer loads along them coalesce), or the operand is absent."""
+    return t is None or t.stride(-1) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +121,9 @@ def _implementations(op: str, x: Tensor, weight, lora_A, lora_B, backend: str) -
             found["triton"] = functools.partial(kernel, variant="pointer")  # e.g. "triton-decode": forward only
     if not found:
         raise ValueError(f"backend={backend!r} (DYLORA_DISPATCH={forced_family()!r}) has no {op} kernel for "
-                         f"{x.dtype} tensors on {x.device} here (is the C++ extension built? is triton installed?)")
+                         f"{x.dtype} tensors of shape {tuple(x.shape)} on {x.device} here (is the C++ extension "
+                         "built? is triton installed? triton-tma needs sm_90+, fp16/bf16 and 16-byte aligned x and "
+                         f"weight; triton-decode runs forwards with M <= 16 and r_max <= 64)")
     return found
 
 
@@ -164,7 +168,8 @@ def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend)
     M, K = x.shape
     N, R = lora_B.shape
     key = ("forward", backend, x.device, x.dtype, lora_A.dtype, weight is None, bias is None, base is None,
-           rank.dim(), rank.device.type, _bucket(M), N, K, R, *_layout(x, weight, base, lora_A, lora_B))
+           rank.dim(), rank.is_cpu, _bucket(M), N, K, R, _tma_ready(x), _tma_ready(weight), _rows(base),
+           _rows(lora_A), _rows(lora_B))
     kernel = _CHOSEN.get(key)
     args = (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
     if kernel is None:
@@ -176,8 +181,9 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
     """(dx, dA, dB) for dylora::backward on CUDA tensors (or CPU tensors in the Triton interpreter)."""
     M, K = x.shape
     N, R = lora_B.shape
-    key = ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.device.type,
-           frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, *_layout(grad, x, weight, lora_A, lora_B))
+    key = ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.is_cpu,
+           frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, _tma_ready(grad), _tma_ready(weight),
+           _rows(x), _rows(lora_A), _rows(lora_B))
     kernel = _CHOSEN.get(key)
     args = (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora)
     if kernel is None:

@@ -26,16 +26,21 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
 
 from . import hopper, kernels
 
 __all__ = ["forward", "backward", "variants"]
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _device_of(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it x's (a no-op context on CPU)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: a context that makes it x's (nothing to switch when it
+    already is, and on CPU)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _SAME_DEVICE
 
 
 def variants(op: str, x, weight, lora_A, lora_B) -> list[str]:
@@ -94,7 +99,7 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
     one_slot = bool(frozen_prefix) and rank.dim() == 0 and compute_lora
     with _device_of(x):
         v = torch.empty(M, R, device=device, dtype=torch.float32)
-        fold = torch.empty(triton.cdiv(M, 16), N, device=device, dtype=torch.float32) if one_slot else None
+        fold = torch.empty(kernels.cdiv(M, 16), N, device=device, dtype=torch.float32) if one_slot else None
         n_fold = kernels.shrink(grad, lora_B.t(), rank, v, fold_u=u if one_slot else None, fold=fold)
         if compute_dx:
             dx = torch.empty(M, K, device=device, dtype=x.dtype)

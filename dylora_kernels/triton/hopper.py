@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_seed, _prune, _row_ranks, _strides, _tile_coords,
-                      bucket, num_sms, seed_block_r)
+                      bucket, cdiv, num_sms, seed_block_r)
 from .launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -153,7 +153,7 @@ def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor
     placeholder = [16, 16]  # replaced by the pre_hook of the config that runs
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), placeholder) for t in (x, w, out)]
     sms = num_sms(x.device)
-    grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+    grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
     _LAUNCH(grid, (*descs, u, z, bias, base, rank, M, N, K, R, float(alpha),
                    *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base),
                    bucket(M), bucket(N), bucket(K), DTYPES.index(x.dtype)),

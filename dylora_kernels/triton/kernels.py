@@ -123,9 +123,20 @@ def _autotune(kernel: str, *flags: str):
                            prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. (triton.cdiv and triton.next_power_of_2 are constexpr functions in triton 3.6:
+    about 3 µs per host call, measured with bench/host_harness.py; a launch used to make a dozen such calls.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1), on the host."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def bucket(n: int) -> int:
     """The autotune bucket of a size: the next power of two."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(int(n))
 
 
 def layout(*tensors) -> int:
@@ -139,7 +150,7 @@ def layout(*tensors) -> int:
 
 def block_r(r_max: int) -> int:
     """Slots handled per tile: the rank capacity R_CAP = next power of two ≥ max(16, r_max), at most 64."""
-    return min(64, triton.next_power_of_2(max(16, r_max)))
+    return min(64, next_power_of_2(max(16, r_max)))
 
 
 def seed_block_r(r_max: int) -> int:
@@ -163,9 +174,9 @@ def split_rows(M: int, tiles: int, sms: int) -> tuple[int, int]:
     """(splits, rows per split) of a split-M reduction with ``tiles`` output tiles of at most 128 columns on a GPU
     with ``sms`` SMs: enough splits for one program per SM (so M ≥ 2048 fills the GPU), chunks of at least
     _SPLIT_ROWS rows."""
-    splits = max(1, min(triton.cdiv(sms, max(tiles, 1)), triton.cdiv(M, _SPLIT_ROWS)))
-    rows = triton.cdiv(triton.cdiv(max(M, 1), splits), _SPLIT_ROWS) * _SPLIT_ROWS
-    return triton.cdiv(max(M, 1), rows), rows
+    splits = max(1, min(cdiv(sms, max(tiles, 1)), cdiv(M, _SPLIT_ROWS)))
+    rows = cdiv(cdiv(max(M, 1), splits), _SPLIT_ROWS) * _SPLIT_ROWS
+    return cdiv(max(M, 1), rows), rows
 
 
 # Sizes that vary from call to call (M, the buckets) are not specialised on, to bound recompilation.
@@ -590,13 +601,13 @@ def shrink(x, y, rank, out, fold_u=None, fold=None) -> int:
 
     def grid(meta):
         used.update(meta)
-        return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R)
+        return cdiv(M, meta["BLOCK_M"]), cdiv(R, BLOCK_R)
 
     FOLD = fold_u is not None
     _launch["shrink"](grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
                              *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y)),
                       dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R))
-    return triton.cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
+    return cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
 def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
@@ -604,7 +615,7 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
     u (M, R), z (N, R), base (M, N) or None."""
     M, K = x.shape
     N, R = z.shape
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _launch["fused"](grid, (x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
                             *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
                             *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
@@ -623,14 +634,14 @@ def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u) -> torch.Tensor:
     (M, R) fp32 when it is not None."""
     M, K = x.shape
     N, R = z.shape
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]),)
     _launch["decode"](grid, (x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
                              *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
                              *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
                              layout(x, w, a, z)),
                       dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
                            PER_ROW=rank.dim() == 1, NEED_U=u is not None,
-                           R_CAP=triton.next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M))
+                           R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M))
     return out
 
 
@@ -641,7 +652,7 @@ def finish(part, n_parts, rank, alpha, one_slot, out) -> torch.Tensor:
     BLOCK_K = 128 if BLOCK_R < 64 else 64
     ws, wk = part.stride(0), part.stride(-1)
     wr = part.stride(1) if part.dim() == 3 else 0
-    _launch["finish"]((triton.cdiv(R, BLOCK_R), triton.cdiv(K, BLOCK_K)),
+    _launch["finish"]((cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)),
                       (part, rank, out, K, R, n_parts, float(alpha), ws, wr, wk, *out.stride()),
                       dict(ONE_SLOT=bool(one_slot), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K))
     return out
@@ -653,9 +664,9 @@ def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
     M, K = q.shape
     R = p.shape[1]
     BLOCK_R = block_r(R)
-    splits, rows = split_rows(M, triton.cdiv(R, BLOCK_R) * triton.cdiv(K, 128), num_sms(q.device))
+    splits, rows = split_rows(M, cdiv(R, BLOCK_R) * cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(R, BLOCK_R) * triton.cdiv(K, meta["BLOCK_K"]), splits)
+    grid = lambda meta: (cdiv(R, BLOCK_R) * cdiv(K, meta["BLOCK_K"]), splits)
     _launch["grad"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
                            bucket(M), bucket(R), bucket(K), layout(p, q)),
                     dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R))
@@ -666,9 +677,9 @@ def frozen_grad(p, q, rank, alpha, out) -> torch.Tensor:
     """out (R, K): row b-1 = (alpha/b)·p[:, b-1]ᵀ·q for one shared rank b, every other row exactly 0."""
     M, K = q.shape
     R = p.shape[1]
-    splits, rows = split_rows(M, triton.cdiv(K, 128), num_sms(q.device))
+    splits, rows = split_rows(M, cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
+    grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), splits)
     _launch["gemv"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
                            bucket(M), bucket(R), bucket(K), layout(p, q)), {})
     return finish(part, splits, rank, alpha, True, out)

@@ -17,8 +17,12 @@ Under TRITON_INTERPRET=1 (CPU tensors) every call goes through triton: there is 
 from __future__ import annotations
 
 import os
+from itertools import repeat
 
 import triton
+from triton import knobs
+from triton._C.libtriton import native_specialize_impl
+from triton.runtime.driver import driver
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -46,30 +50,25 @@ class Launcher:
             raise ValueError(f"{fn.__name__}: Launcher needs every runtime parameter before the constexprs")
         self.n_runtime = n_runtime
         self.constexpr_names = [p.name for p in fn.params[n_runtime:]]
-        self.flags = [(p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
-                      for p in fn.params[:n_runtime]]
+        runtime = fn.params[:n_runtime]
+        # What native_specialize_impl takes besides the argument and the backend, one tuple per flag.
+        self.flags = (tuple(p.is_const for p in runtime), tuple(not p.do_not_specialize for p in runtime),
+                      tuple(not p.do_not_specialize_on_alignment for p in runtime))
         # The autotune key's runtime arguments (its constexpr members are in the constexprs, keyed anyway).
         self.key_args = [i for i in (fn.arg_names.index(k) for k in getattr(tuner, "keys", ())) if i < n_runtime]
         self.cache: dict[tuple, tuple] = {}
 
-    def specialisation(self, backend, args) -> tuple:
-        """What triton specialises each runtime argument on (the same native function the JIT calls)."""
-        from triton._C.libtriton import native_specialize_impl
-        return tuple(native_specialize_impl(backend, arg, *flags)
-                     for arg, flags in zip(args, self.flags))
-
     def __call__(self, grid, args: tuple, constexprs: dict):
         if _INTERPRET:
             return self.tuner[grid](*args, **constexprs)
-        from triton.runtime.driver import driver
         device = driver.active.get_current_device()
         caches = self.fn.device_caches.get(device)
         if caches is None:  # the first launch on this device: triton sets up its caches (and our key's backend)
             return self._through_triton(grid, args, constexprs)
         # The key is computed before anything runs: a config's pre_hook changes its arguments (TMA descriptor
         # block shapes), so a key taken afterwards would never be found again.
-        key = (device, tuple(args[i] for i in self.key_args), tuple(constexprs.values()),
-               self.specialisation(caches[3], args))
+        key = (device, *[args[i] for i in self.key_args], *constexprs.values(),
+               *map(native_specialize_impl, repeat(caches[3]), args, *self.flags))
         entry = self.cache.get(key)
         if entry is None:
             kernel, config = self._through_triton(grid, args, constexprs), getattr(self.tuner, "best_config", None)
@@ -91,12 +90,12 @@ class Launcher:
 
     @staticmethod
     def _launch(kernel, grid, stream, all_args):
-        from triton import knobs
         x, y, z = (*grid, 1, 1)[:3]
         # Profiler hooks (e.g. proton): passed only when some are installed (triton 3.6 keeps an always
         # present, usually empty, HookChain there; the C launcher skips None).
-        enter, leave = (hook if getattr(hook, "calls", hook) else None
-                        for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        enter = enter if getattr(enter, "calls", enter) else None
+        leave = leave if getattr(leave, "calls", leave) else None
         metadata = kernel.launch_metadata(grid, stream, *all_args) if enter is not None else None
         kernel.run(x, y, z, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *all_args)
         return kernel

@@ -1,0 +1,101 @@
+"""Host time of the CUDA path, measured on this CPU: the Python of every Triton variant, launches stubbed.
+
+    python bench/bench_host.py [--rounds N] [--json PATH]
+
+The op, the router, the Triton wrappers and launch.py's compiled-kernel path run as on a GPU; the C
+launcher call, the driver queries and the first launch per key (autotuning, compiling) are stubbed
+(bench/host_harness.py). Tiny tensors (M = 1, K = N = 64, r_max = 8, b = 4, bf16), one thread: what is
+timed is host work. Each round times every row back to back; the table shows medians over rounds, in µs,
+beside F.linear (forward) and F.linear forward + backward on the same tensors. On a GPU each launch adds
+its C launcher call (a few µs) on top.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("unset TRITON_INTERPRET: this times the compiled-kernel path, not the interpreter")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_harness import stubbed_gpu_launches  # noqa: E402
+
+from dylora_kernels import dylora_linear  # noqa: E402
+
+M, K, N, R_MAX, RANK = 1, 64, 64, 8, 4
+CALLS = 300  # per row per round
+
+
+def rows():
+    """name -> (pass, one call). Every call allocates its outputs, as a real one does."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    A, B = torch.randn(R_MAX, K, generator=g).bfloat16(), torch.randn(N, R_MAX, generator=g).bfloat16()
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+    grad = torch.randn(M, N, generator=g).bfloat16()
+    per_row = torch.full((M,), RANK)
+
+    def fwd_bwd(backend, frozen):
+        def call():
+            dylora_linear(xg, w, None, Ag, Bg, RANK, 1.0, frozen_prefix=frozen, backend=backend).backward(grad)
+        return call
+
+    def linear_fwd_bwd():
+        F.linear(xg, w).backward(grad)
+
+    out = {"F.linear": ("forward", lambda: F.linear(x, w)),
+           "F.linear fwd+bwd (x needs grad)": ("fwd+bwd", linear_fwd_bwd)}
+    for backend in ("triton", "triton-tma", "triton-decode"):
+        out[f"{backend}: forward"] = ("forward", lambda b=backend: dylora_linear(x, w, None, A, B, RANK, 1.0, backend=b))
+    out["triton: forward, per-row ranks"] = (
+        "forward", lambda: dylora_linear(x, w, None, A, B, per_row, 1.0, backend="triton"))
+    for backend in ("triton", "triton-tma"):
+        out[f"{backend}: fwd+bwd frozen-prefix"] = ("fwd+bwd", fwd_bwd(backend, True))
+        out[f"{backend}: fwd+bwd full"] = ("fwd+bwd", fwd_bwd(backend, False))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--json", help="write the medians (µs) here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    samples: dict[str, list[float]] = {}
+    with stubbed_gpu_launches():
+        table = rows()
+        for _, call in table.values():  # first calls: routing, the launchers' first launch per key
+            for _ in range(20):
+                call()
+        for _ in range(args.rounds):
+            for name, (_, call) in table.items():
+                start = time.perf_counter()
+                for _ in range(CALLS):
+                    call()
+                samples.setdefault(name, []).append((time.perf_counter() - start) / CALLS * 1e6)
+    median = {name: statistics.median(times) for name, times in samples.items()}
+    floor = {"forward": median["F.linear"], "fwd+bwd": median["F.linear fwd+bwd (x needs grad)"]}
+    print(f"\nCPU: {platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__}; "
+          f"M = {M}, K = N = {K}, r_max = {R_MAX}, b = {RANK}, bf16; median µs per call over {args.rounds} rounds\n")
+    print("| call | µs | over F.linear (same pass) |")
+    print("|---|---|---|")
+    for name, (kind, _) in table.items():
+        extra = "" if name.startswith("F.linear") else f"+{median[name] - floor[kind]:.1f}"
+        print(f"| {name} | {median[name]:.1f} | {extra} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                       "median_us": median}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
