@@ -458,6 +458,22 @@ def test_variants_offer_only_what_can_run():
         T.variants("sideways", x, W, A, B)
 
 
+def test_autotuners_time_configs_briefly():
+    """Every autotuned kernel times its configs with the package's short benchmark (the first call of a new shape
+    stays within its budget; triton's default would take 125 ms per config), and that benchmark keeps triton's
+    quantile interface."""
+    from dylora_kernels.triton import hopper, kernels
+    tuners = [l.tuner for l in [*kernels._launch.values(), hopper._LAUNCH] if hasattr(l.tuner, "configs")]
+    assert len(tuners) == 6  # shrink, fused, decode, grad, gemv, tma (finish is not autotuned)
+    assert all(t.do_bench is kernels.autotune_bench for t in tuners)
+    seen = {}
+    fake = lambda fn, warmup, rep, quantiles: seen.update(warmup=warmup, rep=rep, quantiles=quantiles) or [1.0]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("triton.testing.do_bench", fake)
+        kernels.autotune_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))
+    assert seen == dict(warmup=5, rep=20, quantiles=(0.5, 0.2, 0.8))
+
+
 def test_empty_batch():
     """M = 0: empty y, u and dx; all-zero dA and dB."""
     t = make(0, 16, 12, 5)

@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_seed, _prune, _row_ranks, _strides, _tile_coords,
-                      bucket, cdiv, num_sms, seed_block_r)
+                      autotune_bench, bucket, cdiv, num_sms, seed_block_r)
 from .launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -44,7 +44,7 @@ def _block_shapes(nargs):
 
 @triton.autotune(configs=_configs("tma", pre_hook=_block_shapes),
                  key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "DTYPE_KEY", "Y_KN", "HAS_BIAS", "HAS_BASE", "PER_ROW"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "N_BUCKET", "K_BUCKET", "DTYPE_KEY"])
 def _fused_linear_tma_kernel(
         # TMA descriptors and pointers
