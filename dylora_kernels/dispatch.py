@@ -3,7 +3,8 @@
     dispatcher.choose(key, {"cublas": run_a, "triton": run_b})  ->  "triton"
 
 On the first call for a key every candidate is run once (warm-up: Triton compiles and autotunes
-there) and then timed a few times with CUDA events; the fastest median wins. The choice is kept in
+there) and then timed in bursts of back-to-back calls between CUDA events (its cost per call in a loop,
+host and GPU overlapping); the fastest median wins. The choice is kept in
 memory and on disk (``~/.triton/dylora_dispatch/<package version>/<GPU name>.json``, beside Triton's
 own cache, or under ``$DYLORA_DISPATCH_CACHE``), so a later process on the same GPU model times
 nothing. ``DYLORA_DISPATCH=triton|cublas`` restricts the choice to one family (``auto``, the
@@ -42,18 +43,30 @@ def in_family(name: str, family: str) -> bool:
     return family == "auto" or name == family or name.startswith(family + "-")
 
 
-def cuda_event_timer(fn: Callable[[], object], reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` after one warm-up call, timed with CUDA events on the current stream."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def cuda_burst_ms(fn: Callable[[], object], calls: int) -> float:
+    """Milliseconds of ``calls`` back-to-back calls of ``fn`` between two CUDA events on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def steady_state_timer(fn: Callable[[], object], burst: Callable[[Callable[[], object], int], float] = cuda_burst_ms,
+                       reps: int = 5, burst_ms: float = 2.0, max_calls: int = 100) -> float:
+    """Milliseconds per call of ``fn`` in a loop, the way a training or serving loop (and the benchmark's
+    do_bench) runs it: one warm-up call (compilation, autotuning), one timed call that sizes the bursts, then the
+    median of ``reps`` bursts of back-to-back calls lasting about ``burst_ms`` (at most ``max_calls`` calls),
+    divided by their length. Within a burst the host enqueues while the GPU works, so a candidate costs its
+    GPU time when the GPU is the bottleneck and its host time when the host is; a single call timed from an
+    idle GPU would charge every candidate its whole host time (several launches cost more there than they
+    do in a loop). Cost per candidate: about reps × burst_ms after the warm-up."""
+    fn()
+    one = burst(fn, 1)
+    calls = max(1, min(max_calls, int(burst_ms / max(one, 1e-6))))
+    return statistics.median(burst(fn, calls) for _ in range(reps)) / calls
 
 
 def default_cache_dir() -> Path:
@@ -69,12 +82,12 @@ def default_cache_dir() -> Path:
 class Dispatcher:
     """Remembers, per key, which candidate measured fastest (see the module docstring).
 
-    ``timer(fn) -> ms`` times one candidate (CUDA events by default; tests inject a fake).
+    ``timer(fn) -> ms`` times one candidate (``steady_state_timer`` by default; tests inject a fake).
     ``capturing() -> bool`` says whether a CUDA graph is being captured (timing is skipped then).
     ``cache_dir`` holds one JSON file per device name; None keeps choices in memory only.
     """
 
-    def __init__(self, timer: Callable[[Callable[[], object]], float] = cuda_event_timer,
+    def __init__(self, timer: Callable[[Callable[[], object]], float] = steady_state_timer,
                  capturing: Callable[[], bool] | None = None, cache_dir: Path | str | None = "default"):
         self.timer = timer
         self.capturing = capturing or (lambda: torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

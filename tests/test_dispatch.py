@@ -35,6 +35,28 @@ def candidates(*names):
     return {name: (lambda name=name: name) for name in names}
 
 
+def test_steady_state_timer_times_bursts_sized_from_one_call():
+    """One warm-up call, one timed call, then `reps` bursts of about burst_ms: the result is per call, the bursts
+    never exceed max_calls, and a slow candidate is timed one call at a time."""
+    def run(per_call_ms, fixed_ms=0.05, **kwargs):
+        calls, bursts = [], []
+
+        def burst(fn, n):
+            bursts.append(n)
+            for _ in range(n):
+                fn()
+            return n * per_call_ms + fixed_ms  # a fixed cost per burst (the first launch from an idle GPU)
+
+        ms = dispatch.steady_state_timer(lambda: calls.append(1), burst=burst, **kwargs)
+        return ms, len(calls), bursts
+
+    ms, n_calls, bursts = run(0.1, reps=3, burst_ms=2.0)
+    assert bursts == [1, 13, 13, 13] and n_calls == 1 + 1 + 39  # 2.0 / (0.1 + 0.05) = 13 calls per burst
+    assert ms == pytest.approx(0.1 + 0.05 / 13)  # the fixed cost is amortised over the burst
+    assert run(0.0001, fixed_ms=0.0, reps=2)[2] == [1, 100, 100]  # capped at max_calls
+    assert run(5.0, reps=2)[2] == [1, 1, 1]  # a call longer than the burst: one call per burst
+
+
 def test_fastest_candidate_wins_and_is_remembered(tmp_path):
     timer = FakeTimer({"cublas": 2.0, "triton": 1.5, "triton-tma": 1.7})
     d = dispatch.Dispatcher(timer=timer, capturing=lambda: False, cache_dir=tmp_path)
