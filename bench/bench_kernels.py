@@ -1,7 +1,7 @@
 """GPU timing of the Triton kernel backend itself, per variant and per kernel: fills the "measured" columns of
 bench/NOTES.md (whose predictions come from bench/roofline.py).
 
-    python bench/bench_kernels.py [--out DIR] [--dry-run]
+    python bench/bench_kernels.py [--quick] [--out DIR] [--dry-run]
 
 The shapes of bench_gpu.py (bf16, no bias, r_max = 64, b ∈ {8, 32}), through dylora_kernels.triton.forward /
 backward directly (no ops layer, no autograd): the forward of every variant that applies, and forward + backward
@@ -9,6 +9,9 @@ in full and frozen-prefix mode for each backward variant, as triton.testing.do_b
 (compilation and autotuning), each over F.linear (forward) or F.linear + its dx GEMM (forward + backward) measured
 in the same run. Then one call of each pass under torch.profiler, listing every kernel's device time. Writes
 DIR/bench_kernels.md (DIR: --out, else $OUT, else bench/out) and prints it.
+
+--quick: 8192×4096×4096, 2048×4096×4096 and 16×4096×4096 at b = 32 only (about a minute with warm compile caches:
+what a short GPU session can afford after bench/gpu_check.sh).
 
 --dry-run checks the plumbing on CPU tensors with the Triton interpreter (tiny shapes, fp32, a wall-clock
 timer, no profiler): the numbers mean nothing.
@@ -18,6 +21,7 @@ import os
 import sys
 
 DRY_RUN = "--dry-run" in sys.argv
+QUICK = "--quick" in sys.argv
 if DRY_RUN:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -32,6 +36,8 @@ from baselines import median_ms  # noqa: E402
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096)]
 R_MAX, RANKS, ALPHA, DTYPE, DEVICE = 64, (8, 32), 16.0, torch.bfloat16, "cuda"
+if QUICK:
+    SHAPES, RANKS = [(8192, 4096, 4096), (2048, 4096, 4096), (16, 4096, 4096)], (32,)
 if DRY_RUN:
     SHAPES, RANKS, DTYPE, DEVICE = [(40, 32, 24), (3, 32, 24)], (8,), torch.float16, "cpu"
 
@@ -53,6 +59,7 @@ def kernel_times(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    parser.add_argument("--quick", action="store_true", help="three shapes at b = 32 only")
     parser.add_argument("--dry-run", action="store_true", help="CPU plumbing check under the Triton interpreter")
     args = parser.parse_args()
     if not DRY_RUN and not torch.cuda.is_available():
