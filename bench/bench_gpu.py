@@ -1,6 +1,6 @@
 """GPU benchmark: every path the dispatcher chooses between, the dispatched one, and the peers.
 
-    python bench/bench_gpu.py [--out DIR] [--dry-run] [--quick]
+    python bench/bench_gpu.py [--out DIR] [--dry-run] [--quick] [--int-rank]
 
 bf16, no bias, r_max = 64, b in {8, 32}; (M, K, N) from LLM layers down to decode sizes. Forward
 (no grad), forward+backward full and frozen-prefix (x, A, B require grad; W frozen). Columns: the
@@ -13,7 +13,9 @@ forwards replayed from a CUDA graph. Writes DIR/bench_gpu.json and DIR/bench_gpu
 else $OUT, else bench/out) and prints the table last.
 
 --dry-run checks the plumbing on CPU tensors with the Triton interpreter (tiny shapes, fp32, a
-wall-clock timer): the numbers mean nothing. --quick: b = 32 only and fewer shapes.
+wall-clock timer): the numbers mean nothing. --quick: b = 32 only and fewer shapes. --int-rank: the package
+gets the rank as a Python int (a host value: the cuBLAS composition slices with it) instead of a 0-d tensor on
+the GPU (what a training loop holds; the default).
 """
 import argparse
 import functools
@@ -23,6 +25,7 @@ import sys
 import time
 
 DRY_RUN = "--dry-run" in sys.argv
+INT_RANK = "--int-rank" in sys.argv
 if DRY_RUN:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -71,8 +74,8 @@ def make_step(impl, shape, b, mode):
     A, B = rnd(R_MAX, K) / K**0.5, rnd(N, R_MAX)
     if impl in PEERS:
         fn, rank = IMPLS[impl], b
-    else:  # the package: a 0-d rank tensor on the device (what a training loop holds)
-        fn, rank = functools.partial(IMPLS["dylora"], backend=impl), torch.tensor(b, device=DEVICE)
+    else:  # the package: a 0-d rank tensor on the device (what a training loop holds), or an int (--int-rank)
+        fn, rank = functools.partial(IMPLS["dylora"], backend=impl), b if INT_RANK else torch.tensor(b, device=DEVICE)
     if mode == "forward":
         def step():
             with torch.no_grad():
@@ -166,8 +169,8 @@ def run():
 def table(rows, device_name, host):
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     paths = list(dict.fromkeys(p for r in rows for p in r["paths"]))
-    lines = [f"{device_name}, torch {torch.__version__}, {str(DTYPE).removeprefix('torch.')}, no bias, r_max = {R_MAX}; "
-             "median time ratio over F.linear in the same run (lower is better); peak MiB = one forward+backward "
+    lines = [f"{device_name}, torch {torch.__version__}, {str(DTYPE).removeprefix('torch.')}, no bias, r_max = {R_MAX}, "
+             f"the package's rank {'a Python int' if INT_RANK else 'a 0-d tensor on the device'}; median time ratio over F.linear in the same run (lower is better); peak MiB = one forward+backward "
              "above its inputs", "",
              "| M×K×N | b | pass | F.linear ms | naive | addmm peer | " + " | ".join(paths)
              + " | peak MiB naive | peak MiB auto |",
@@ -193,6 +196,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     parser.add_argument("--dry-run", action="store_true", help="CPU plumbing check under the Triton interpreter")
     parser.add_argument("--quick", action="store_true", help="b = 32 only, three shapes")
+    parser.add_argument("--int-rank", action="store_true", help="the package's rank as a Python int")
     args = parser.parse_args()
     if not DRY_RUN and not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device (or --dry-run)")
