@@ -85,11 +85,14 @@ class Dispatcher:
     ``timer(fn) -> ms`` times one candidate (``steady_state_timer`` by default; tests inject a fake).
     ``capturing() -> bool`` says whether a CUDA graph is being captured (timing is skipped then).
     ``cache_dir`` holds one JSON file per device name; None keeps choices in memory only.
+    ``skip``: exception types that rule a candidate out when timing it raises one (timed as infinite).
     """
 
     def __init__(self, timer: Callable[[Callable[[], object]], float] = steady_state_timer,
-                 capturing: Callable[[], bool] | None = None, cache_dir: Path | str | None = "default"):
+                 capturing: Callable[[], bool] | None = None, cache_dir: Path | str | None = "default",
+                 skip: tuple[type[BaseException], ...] = ()):
         self.timer = timer
+        self.skip = skip  # exceptions that rule a candidate out (e.g. a kernel config that does not compile)
         self.capturing = capturing or (lambda: torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
         self.memory: dict[tuple, str] = {}
@@ -108,11 +111,19 @@ class Dispatcher:
             return known
         if self.capturing():
             return names[0]  # never time inside a capture; not remembered, so the next eager call measures
-        times = {name: self.timer(run) for name, run in candidates.items()}
+        times = {name: self._time(run) for name, run in candidates.items()}
+        if all(t == float("inf") for t in times.values()):
+            raise RuntimeError(f"no candidate ran for {key}: {list(times)}")
         best = min(times, key=times.get)
         self.memory[full_key], self.timings[full_key] = best, times
         self._disk_store(device_name, key, best)
         return best
+
+    def _time(self, run: Callable[[], object]) -> float:
+        try:
+            return self.timer(run)
+        except self.skip:
+            return float("inf")
 
     # -- disk cache ---------------------------------------------------------------------------
     def _file(self, device_name: str) -> Path | None:

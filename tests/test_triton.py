@@ -6,6 +6,7 @@ interpreter's bf16 tl.dot is wrong), small shapes, and every variant, the TMA on
 interpreter executes tensor descriptors). The offline sm_90a compilation check runs in a subprocess. GPU checks
 (no recompilation over ranks, CUDA-graph replay, large shapes in every dtype and variant) skip cleanly.
 """
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +147,53 @@ def test_tma_programs_walk_several_tiles(frozen_prefix):
         assert triton_cdiv(M, block["BLOCK_M"]) * triton_cdiv(cols, block["BLOCK_N"]) > sms or CUDA
     for rank in (torch.tensor(6, device=DEVICE), per_row_ranks(M, 7).to(DEVICE)):
         check(run(t, rank, frozen_prefix, "tma"), t, rank, frozen_prefix)
+
+
+@pytest.mark.skipif(CUDA, reason="swaps the TMA tuner for one with a fake timer; on a GPU the real one runs")
+def test_tma_configs_are_chosen_by_measurement(monkeypatch, tmp_path):
+    """The TMA kernel's config is the fastest candidate by the tuner's timer, remembered per key (and on disk), with
+    descriptors built for that config; a config that does not compile is ruled out; during a capture nothing is
+    timed or remembered."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    from dylora_kernels import dispatch
+    T = backend()
+    H = T.hopper
+    cfg = lambda bm, bn, bk: triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, EPILOGUE_SUBTILE=True),
+                                           num_warps=4, num_stages=2)
+    configs = [cfg(16, 32, 16), cfg(32, 32, 32), cfg(64, 64, 64)]
+    names = [H._config_name(c) for c in configs]
+    timed, capturing = [], [False]
+
+    def timer(run):  # the 32x32x32 config is "fastest"; the 64x64x64 one "does not compile"
+        name = names[len(timed) % 3]
+        timed.append(name)
+        if name == names[2]:
+            raise OutOfResources(300000, 232448, "shared memory")
+        run()
+        return {names[0]: 2.0, names[1]: 1.0}[name]
+
+    tuner = dispatch.Dispatcher(timer=timer, capturing=lambda: capturing[0], cache_dir=tmp_path,
+                                skip=H._CONFIG_TUNER.skip)
+    monkeypatch.setattr(H, "CONFIGS", configs)
+    monkeypatch.setattr(H, "_prune", lambda c, args: c)
+    monkeypatch.setattr(H, "_CONFIG_TUNER", tuner)
+    monkeypatch.setattr(H, "_CHOSEN", {})
+    t = make(70, 48, 40, 6, torch.float16)
+    rank = torch.tensor(5)
+
+    capturing[0] = True
+    check(run(t, rank, False, "tma"), t, rank, False)
+    assert timed == [] and H._CHOSEN == {}, "nothing is timed or remembered during a capture"
+    capturing[0] = False
+    check(run(t, rank, True, "tma"), t, rank, True)  # y (forward) and dx (backward): two keys
+    assert timed == names * 2 and len(H._CHOSEN) == 2
+    assert all(c is configs[1] for c in H._CHOSEN.values())
+    on_disk = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert sorted(set(on_disk.values())) == [names[1]]
+    check(run(t, rank, False, "tma"), t, rank, False)
+    assert len(timed) == 6, "a remembered key is not timed again"
 
 
 def triton_cdiv(a, b):
@@ -464,7 +512,7 @@ def test_autotuners_time_configs_briefly():
     quantile interface."""
     from dylora_kernels.triton import hopper, kernels
     tuners = [l.tuner for l in [*kernels._launch.values(), hopper._LAUNCH] if hasattr(l.tuner, "configs")]
-    assert len(tuners) == 6  # shrink, fused, decode, grad, gemv, tma (finish is not autotuned)
+    assert len(tuners) == 5  # shrink, fused, decode, grad, gemv (finish has one config; tma has its own tuner)
     assert all(t.do_bench is kernels.autotune_bench for t in tuners)
     seen = {}
     fake = lambda fn, warmup, rep, quantiles: seen.update(warmup=warmup, rep=rep, quantiles=quantiles) or [1.0]
@@ -535,10 +583,10 @@ def compiled_kernel_count():
     T = backend()
     k = T.kernels
     tuners = (k._shrink_kernel, k._fused_linear_kernel, k._decode_kernel, k._lora_grad_kernel,
-              k._frozen_gemv_kernel, T.hopper._fused_linear_tma_kernel)
-    jits = [t.fn for t in tuners] + [k._finish_kernel]
+              k._frozen_gemv_kernel)
+    jits = [t.fn for t in tuners] + [k._finish_kernel, T.hopper._fused_linear_tma_kernel]
     binaries = sum(len(cache[0]) for fn in jits for cache in fn.device_caches.values())
-    return binaries, sum(len(t.cache) for t in tuners)
+    return binaries, sum(len(t.cache) for t in tuners) + len(T.hopper._CHOSEN)
 
 
 @gpu

@@ -11,12 +11,16 @@ rank), then the K loop streams X and Y tiles through TMA descriptors into shared
 num_stages buffers (wgmma on Hopper), and the epilogue adds bias and base and stores the tile through a TMA
 descriptor in two halves (EPILOGUE_SUBTILE), so the store buffer takes half a tile of shared memory.
 
-Descriptors are built on the host (``TensorDescriptor``); each config's block shapes are set by its pre_hook. TMA
-needs 16-byte aligned base pointers and row strides, unit last strides and 16-bit dtypes here: ``applies`` says
-when that holds, and the kernel contract offers this variant only then. Triton's interpreter runs these
-descriptors too (tests run the kernel on CPU tensors); the sm_90a compilation is checked by tests/sm90_compile.py.
-Autotune timings are not cached on disk for this kernel: triton 3.6 skips its disk cache for configs with
-pre_hooks.
+Descriptors are built on the host (``TensorDescriptor``) with the block shapes of the config that runs. TMA needs
+16-byte aligned base pointers and row strides, unit last strides and 16-bit dtypes here: ``applies`` says when
+that holds, and the kernel contract offers this variant only then. Triton's interpreter runs these descriptors too
+(tests run the kernel on CPU tensors); the sm_90a compilation is checked by tests/sm90_compile.py.
+
+Configs are chosen by a dispatch.Dispatcher rather than triton.autotune: each candidate config builds its own
+descriptors, so no pre_hook rewrites block shapes per launch (triton 3.6 also skips its on-disk autotune cache
+for configs with pre_hooks), and the choice per key (shape buckets, dtypes, flags) is timed once per GPU model
+and kept on disk, beside the dispatcher's (``<cache>/tma_configs``). Configs that do not compile (out of shared
+memory) are ruled out, as the autotuner does.
 """
 from __future__ import annotations
 
@@ -25,27 +29,18 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..dispatch import Dispatcher, default_cache_dir
 from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_seed, _prune, _row_ranks, _strides, _tile_coords,
-                      autotune_bench, bucket, cdiv, num_sms, seed_block_r)
+                      bucket, cdiv, num_sms, seed_block_r)
 from .launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _block_shapes(nargs):
-    """pre_hook: the descriptors' block shapes for the config about to run."""
-    BM, BN, BK = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["x_desc"].block_shape = [BM, BK]
-    nargs["y_desc"].block_shape = [BK, BN] if nargs["Y_KN"] else [BN, BK]
-    nargs["out_desc"].block_shape = [BM, BN // 2 if nargs["EPILOGUE_SUBTILE"] else BN]
-
-
-@triton.autotune(configs=_configs("tma", pre_hook=_block_shapes),
-                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "DTYPE_KEY", "Y_KN", "HAS_BIAS", "HAS_BASE", "PER_ROW"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "N_BUCKET", "K_BUCKET", "DTYPE_KEY"])
+@triton.jit(do_not_specialize=["M"])
 def _fused_linear_tma_kernel(
         # TMA descriptors and pointers
         x_desc, y_desc, out_desc, u_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr,
@@ -53,8 +48,6 @@ def _fused_linear_tma_kernel(
         M, N, K, R, alpha,
         # strides
         stride_um, stride_ur, stride_zn, stride_zr, stride_bias, stride_basem, stride_basen,
-        # autotune key (DTYPE_KEY: x's dtype, which the autotuner cannot see through a descriptor)
-        M_BUCKET, N_BUCKET, K_BUCKET, DTYPE_KEY,
         # meta-parameters
         Y_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
         BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -104,7 +97,11 @@ def _store_tile(out_desc, acc, m0, n0, offs_m, bad, M, N, bias_ptr, base_ptr, st
     out_desc.store([m0, n0], acc.to(out_desc.dtype))
 
 
-_LAUNCH = Launcher(_fused_linear_tma_kernel)  # launch.py: after the first call per key, no autotuner Python
+_LAUNCH = Launcher(_fused_linear_tma_kernel)  # launch.py: after the first call per key, no triton Python
+CONFIGS = _configs("tma")
+_CONFIG_TUNER = Dispatcher(cache_dir=default_cache_dir() / "tma_configs",
+                           skip=(OutOfResources, PTXASError))
+_CHOSEN: dict[tuple, triton.Config] = {}  # key -> the config measured fastest (the tuner's memory, without its key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,19 +141,53 @@ def applies_dx(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
             and (weight.shape[1] * x.element_size()) % 16 == 0)
 
 
+def _config_name(c: triton.Config) -> str:
+    k = c.kwargs
+    return (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} g{k['GROUP_M']} sub{int(k['EPILOGUE_SUBTILE'])} "
+            f"w{c.num_warps} s{c.num_stages}")
+
+
 def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
     """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + x·Wᵀ + [bias] + [base] for x (M, K) and the weight ``w`` as
     stored: (N, K) (the forward), or (K, N) with ``w_kn`` (the backward's Wᵀ, read without a copy); u (M, R) fp32,
     z (N, R), out (M, N) contiguous. Callers check ``applies`` first."""
     M, K = x.shape
     N, R = z.shape
-    placeholder = [16, 16]  # replaced by the pre_hook of the config that runs
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), placeholder) for t in (x, w, out)]
     sms = num_sms(x.device)
-    grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+    flags = dict(Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None, PER_ROW=rank.dim() == 1,
+                 BLOCK_R=seed_block_r(R), NUM_SMS=sms)
+    key = (bucket(M), bucket(N), bucket(K), x.dtype, z.dtype, rank.dtype, *flags.values())
+    config = _CHOSEN.get(key)
+    if config is None:
+        config = _choose_config(key, x, w, bias, base, u, z, rank, alpha, out, flags)
+    return _run(config, x, w, bias, base, u, z, rank, alpha, out, flags)
+
+
+def _choose_config(key, *args) -> triton.Config:
+    """The fastest config for ``key`` (timed once per GPU model; the only one under the interpreter)."""
+    x = args[0]
+    candidates = _prune(CONFIGS, dict(M_BUCKET=key[0], N_BUCKET=key[1], K_BUCKET=key[2]))
+    by_name = {_config_name(c): c for c in candidates}
+    device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    portable = tuple(str(k) if isinstance(k, torch.dtype) else k for k in key)
+    name = _CONFIG_TUNER.choose(device_name, portable, {n: functools.partial(_run, c, *args)
+                                                        for n, c in by_name.items()})
+    if (device_name, *portable) in _CONFIG_TUNER.memory or len(by_name) == 1:  # measured (not a capture default)
+        _CHOSEN[key] = by_name[name]
+    return by_name[name]
+
+
+def _run(config, x, w, bias, base, u, z, rank, alpha, out, flags) -> torch.Tensor:
+    """One launch with ``config``: descriptors with its block shapes, the persistent grid."""
+    M, K = x.shape
+    N, R = z.shape
+    BM, BN, BK = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    out_block = [BM, BN // 2 if config.kwargs["EPILOGUE_SUBTILE"] else BN]
+    descs = (TensorDescriptor(x, [M, K], list(x.stride()), [BM, BK]),
+             TensorDescriptor(w, list(w.shape), list(w.stride()), [BK, BN] if flags["Y_KN"] else [BN, BK]),
+             TensorDescriptor(out, [M, N], list(out.stride()), out_block))
+    grid = (min(flags["NUM_SMS"], cdiv(M, BM) * cdiv(N, BN)),)
     _LAUNCH(grid, (*descs, u, z, bias, base, rank, M, N, K, R, float(alpha),
-                   *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base),
-                   bucket(M), bucket(N), bucket(K), DTYPES.index(x.dtype)),
-            dict(Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                 PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R), NUM_SMS=sms))
+                   *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base)),
+            {**flags, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages})
     return out

@@ -51,16 +51,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run on CP
 # --------------------------------------------------------------------------------------------
 # Autotuning: every kernel's candidates in one place, keyed on power-of-two shape buckets
 # --------------------------------------------------------------------------------------------
-def _configs(kernel: str, pre_hook=None) -> list[triton.Config]:
+def _configs(kernel: str) -> list[triton.Config]:
     """Autotune candidates of one kernel. The first is the small-problem config (the only one under the
     interpreter, where timing configs would only cost time); BLOCK_M = 16 ones serve decode-sized M. tl.dot needs
     every block dimension ≥ 16. Each candidate is one more compilation per dtype and layout, so the lists are
     short; tests/sm90_compile.py compiles every one of them for sm_90a and checks shared memory (≤ 227 KiB for
     16-bit inputs), register spills (none) and the main loop's pipelining. Every group (small, decode, large)
-    holds a config whose buffers fit in shared memory for fp32 too. ``pre_hook``: the TMA kernel's, which sets
-    its descriptors' block shapes for the config about to run."""
+    holds a config whose buffers fit in shared memory for fp32 too. (The TMA kernel's are chosen by hopper.py's
+    own tuner, not triton.autotune: its descriptors take their block shapes from the config.)"""
     def _cfg(stages, warps, **blocks):
-        return triton.Config(blocks, num_stages=stages, num_warps=warps, pre_hook=pre_hook)
+        return triton.Config(blocks, num_stages=stages, num_warps=warps)
 
     if kernel == "tma":  # 16-bit only; 128x256 with 8 warps and 3-4 stages is the Hopper GEMM tile
         configs = [_cfg(3, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
@@ -120,10 +120,11 @@ AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20
 
 def autotune_bench(fn, quantiles):
     """How the autotuners time one config: 5 ms of warm-up and 20 ms of repetitions (triton's default: 25 + 100
-    ms). A new shape's first forward + backward at M = 8192 tunes 22–28 configs (after _prune: shrink 3, pointer
-    GEMM 3, TMA GEMM 4 in the forward and again for dx, gradients 2–6), since the dispatcher runs every
-    candidate: 0.55–0.7 s of autotune timing instead of 2.75–3.5 s. 20 ms is still ~57 runs of the largest
-    benchmarked GEMM (8192×4096×4096 bf16, ~0.35 ms on an H200). Compilation is extra (and cached on disk)."""
+    ms). A new shape's first forward + backward at M = 8192 autotunes 14–20 configs here (after _prune: shrink 3,
+    pointer GEMM 3 in the forward and again for dx, gradients 2–6), since the dispatcher runs every candidate:
+    0.35–0.5 s instead of 1.75–2.5 s, plus the TMA kernel's 4 + 4 configs, timed by hopper.py's tuner at ~12 ms
+    each. 20 ms is still ~57 runs of the largest benchmarked GEMM (8192×4096×4096 bf16, ~0.35 ms on an H200).
+    Compilation is extra (and cached on disk)."""
     return triton.testing.do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 

@@ -11,7 +11,7 @@ The key is what selects the config and the binary: the autotune key's values (sh
 codes), the constexprs, and the specialisation triton gives each runtime argument, computed with
 triton's own ``native_specialize_impl`` (dtypes, 16-byte alignment of pointers, integers equal to 1
 or divisible by 16, i32 vs i64, descriptor shapes): a launch never reuses a binary compiled for other
-assumptions. A config's pre_hook (e.g. setting TMA descriptor block shapes) runs on every launch.
+assumptions. A config's pre_hook, if one has any, runs on every launch (none of the package's configs has one).
 Under TRITON_INTERPRET=1 (CPU tensors) every call goes through triton: there is no binary.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Launcher:
         caches = self.fn.device_caches.get(device)
         if caches is None:  # the first launch on this device: triton sets up its caches (and our key's backend)
             return self._through_triton(grid, args, constexprs)
-        # The key is computed before anything runs: a config's pre_hook changes its arguments (TMA descriptor
+        # The key is computed before anything runs: a config's pre_hook may change its arguments (e.g. descriptor
         # block shapes), so a key taken afterwards would never be found again.
         key = (device, *[args[i] for i in self.key_args], *constexprs.values(),
                *map(native_specialize_impl, repeat(caches[3]), args, *self.flags))
