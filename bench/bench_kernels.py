@@ -95,6 +95,10 @@ def main():
                                  f"{t / floor_bwd:.3f} | {floor_bwd:.1f} |")
                     profiles.append((f"{M}×{K}×{N} b={b} {name} {fwd_variant} + {bwd_variant}", step))
             print("\n".join(lines[-6:]), flush=True)
+    chosen = T.hopper._CHOSEN
+    if chosen:
+        lines += ["", "TMA configs chosen (key: M, N, K buckets, dtypes, flags → config):", ""]
+        lines += [f"- {key} → {T.hopper._config_name(config)}" for key, config in chosen.items()]
     if not DRY_RUN:
         lines += ["", "Device time per kernel, one call (torch.profiler):", ""]
         for title, fn in profiles:

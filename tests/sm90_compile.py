@@ -18,7 +18,8 @@ autotune keys excepted: never specialised). Checks, per compilation:
 - the main loop (the innermost loop holding the dot) is pipelined: its operands arrive by asynchronous copies
   (cp.async) or, for the TMA kernel, by TMA copies completing on mbarriers, with asynchronous wgmma that leaves
   one group in flight (`warp_group_dot_wait {pendings ≥ 1}`), and the PTX holds `cp.async.bulk.tensor` (TMA) and
-  `wgmma.mma_async`; for the GEMV, its loads are asynchronous copies.
+  `wgmma.mma_async`; for the TMA kernel's FLATTEN configs that loop is the single flattened loop over tiles and
+  K blocks, the epilogue's TMA store inside it; for the GEMV, its loads are asynchronous copies.
 
 Prints one line per compilation; exit status 1 if a check fails, 77 if this triton cannot compile offline.
 --quick: only each kernel's first large config in bf16 with the heaviest flags. tests/test_triton.py runs the
@@ -123,7 +124,7 @@ def compile_one(tuner, pointers, fixed, config, dtype):
                        "out_desc": (BM, BN // 2 if kw["EPILOGUE_SUBTILE"] else BN)}
     # r_max = 64: the slot blocks and capacities the launchers derive from it
     capacity = dict(BLOCK_R=kernels.seed_block_r(64) if "z_ptr" in fn.arg_names else kernels.block_r(64),
-                    R_CAP=64, NUM_SMS=132)
+                    R_CAP=64, NUM_SMS=132, R_BLOCKS=kernels.cdiv(64, kernels.seed_block_r(64)))
     fixed = {**{k: v for k, v in capacity.items() if k in fn.arg_names}, **fixed, **kw}
     not_specialised = {fn.arg_names[i] for i, p in enumerate(fn.params) if p.do_not_specialize}
     signature, constants, attrs = {}, {}, {}
@@ -175,14 +176,17 @@ def prefetched(body: str) -> bool:
     return bool(loads) and all(re.search(re.escape(name) + r"\b", yields) for name in loads)
 
 
-def pipeline_problems(loop: str, ttgir: str, ptx: str) -> list[str]:
-    """What the main loop lacks (see KERNELS), as messages."""
+def pipeline_problems(loop: str, ttgir: str, ptx: str, flattened: bool = False) -> list[str]:
+    """What the main loop lacks (see KERNELS), as messages. ``flattened``: the TMA kernel's FLATTEN configs, whose
+    main loop must be the one flattened loop over (tile, K block) that also holds the epilogue's TMA store."""
     loops = innermost_loops(ttgir)
     if loop == "tma":
         main = [b for b in loops if "async_tma_copy_global_to_local" in b and "warp_group_dot" in b]
         if not main:
             return ["no loop with TMA loads feeding wgmma"]
         body, problems = main[0], []
+        if flattened and "async_tma_copy_local_to_global" not in body:
+            problems.append("the persistent loop nest was not flattened (the epilogue's store is outside the loop)")
         if body.count("async_tma_copy_global_to_local") < 2 or "wait_barrier" not in body:
             problems.append("main loop's TMA loads are not pipelined on mbarriers")
         if not re.search(r"warp_group_dot_wait .*pendings = [1-9]", body):
@@ -269,7 +273,8 @@ def main() -> int:
         regs, spills = ptxas_usage(compiled.asm["ptx"])
         if spills:
             problems.append(f"{spills} bytes of register spills")
-        problems += pipeline_problems(loop, compiled.asm["ttgir"], compiled.asm["ptx"])
+        problems += pipeline_problems(loop, compiled.asm["ttgir"], compiled.asm["ptx"],
+                                      flattened=config.kwargs.get("FLATTEN", False))
         failures += bool(problems)
         print(f"{head}, {regs} regs, spills {spills} B" + "".join(f"  FAIL: {p}" for p in problems), flush=True)
     return 1 if failures else 0

@@ -153,16 +153,16 @@ def test_tma_programs_walk_several_tiles(frozen_prefix):
 def test_tma_configs_are_chosen_by_measurement(monkeypatch, tmp_path):
     """The TMA kernel's config is the fastest candidate by the tuner's timer, remembered per key (and on disk), with
     descriptors built for that config; a config that does not compile is ruled out; during a capture nothing is
-    timed or remembered."""
+    timed or remembered. (The winner here is a FLATTEN config: its outputs are checked too.)"""
     import triton
     from triton.runtime.errors import OutOfResources
 
     from dylora_kernels import dispatch
     T = backend()
     H = T.hopper
-    cfg = lambda bm, bn, bk: triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, EPILOGUE_SUBTILE=True),
-                                           num_warps=4, num_stages=2)
-    configs = [cfg(16, 32, 16), cfg(32, 32, 32), cfg(64, 64, 64)]
+    cfg = lambda bm, bn, bk, flat: triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2,
+                                                      EPILOGUE_SUBTILE=True, FLATTEN=flat), num_warps=4, num_stages=2)
+    configs = [cfg(16, 32, 16, False), cfg(32, 32, 32, True), cfg(64, 64, 64, False)]
     names = [H._config_name(c) for c in configs]
     timed, capturing = [], [False]
 
@@ -194,6 +194,31 @@ def test_tma_configs_are_chosen_by_measurement(monkeypatch, tmp_path):
     assert sorted(set(on_disk.values())) == [names[1]]
     check(run(t, rank, False, "tma"), t, rank, False)
     assert len(timed) == 6, "a remembered key is not timed again"
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
+def test_flattened_tma_kernel(frozen_prefix, monkeypatch):
+    """A FLATTEN config (one flattened persistent loop, the low-rank term after the K loop with its slot blocks
+    unrolled) against float64: several tiles per program, r_max over two slot blocks, ranks at and across the block
+    edge, per-row ranks, bias and base, and NaN in the unused slots of A and B never reaching an output."""
+    import triton
+    H = backend().hopper
+    first = H.CONFIGS[0]
+    flat = triton.Config({**first.kwargs, "FLATTEN": True}, num_warps=first.num_warps, num_stages=first.num_stages)
+    monkeypatch.setattr(H, "CONFIGS", [flat])
+    monkeypatch.setattr(H, "_CHOSEN", {})
+    M, K, N, R = 150, 136, 72, 40  # R = 40: two slot blocks of 32 (R_BLOCKS = 2)
+    t = make(M, K, N, R, torch.float16, base=True)
+    for rank in (torch.tensor(1), torch.tensor(32), torch.tensor(33), per_row_ranks(M, R)):
+        rank = rank.to(DEVICE)
+        check(run(t, rank, frozen_prefix, "tma"), t, rank, frozen_prefix)
+    poisoned = dict(t, lora_A=t["lora_A"].clone(), lora_B=t["lora_B"].clone())
+    poisoned["lora_A"][21:] = float("nan")
+    poisoned["lora_B"][:, 21:] = float("inf")
+    rank = torch.tensor(21, device=DEVICE)
+    check(run(poisoned, rank, frozen_prefix, "tma"), t, rank, frozen_prefix)  # as with clean adapters
+    assert H._CHOSEN and all(c is flat for c in H._CHOSEN.values())
 
 
 def triton_cdiv(a, b):

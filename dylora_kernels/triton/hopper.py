@@ -33,8 +33,8 @@ from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..dispatch import Dispatcher, default_cache_dir
-from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_seed, _prune, _row_ranks, _strides, _tile_coords,
-                      bucket, cdiv, num_sms, seed_block_r)
+from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_into, _lowrank_seed, _prune, _row_ranks, _strides,
+                      _tile_coords, bucket, cdiv, num_sms, seed_block_r)
 from .launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -51,29 +51,41 @@ def _fused_linear_tma_kernel(
         # meta-parameters
         Y_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
         BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr):
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
+        R_BLOCKS: tl.constexpr):
     """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + X·Yᵀ + [bias] + [base], persistent over output tiles.
 
     X (M, K) and Y ((N, K), or (K, N) with Y_KN) through TMA descriptors; U (M, R) fp32, Z (N, R), bias, base
     through pointers; out through a TMA descriptor of block (BLOCK_M, BLOCK_N / 2) with EPILOGUE_SUBTILE.
+
+    FLATTEN: one flattened loop over (tile, K block) (tl.range(..., flatten=True)), so the next tile's first TMA
+    loads are issued while this tile's epilogue runs; the low-rank term is then added after the K loop, its
+    R_BLOCKS slot blocks unrolled (a seed before the K loop left the flattened loop unpipelined, and a loop
+    inside it stops the flattening: triton 3.6, sm_90a, checked by tests/sm90_compile.py). Otherwise one K loop
+    per tile, seeded with the low-rank term. Which is faster is measured per shape (hopper's config tuner).
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    # Not a flattened loop nest (tl.range(..., flatten=True)): with the seed's own slot loop the nest does not
-    # flatten, and with a loop-free seed the flattened loop's TMA loads were not pipelined (triton 3.6, sm_90a).
-    for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
         offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
-        acc = _lowrank_seed(u_ptr, z_ptr, offs_m, n0 + tl.arange(0, BLOCK_N), b, M, N, alpha, stride_um, stride_ur,
-                            stride_zn, stride_zr, BLOCK_M, BLOCK_N, BLOCK_R)
+        if FLATTEN:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
+                                stride_zr, BLOCK_M, BLOCK_N, BLOCK_R)
         for ki in range(k_tiles):
             x = x_desc.load([m0, ki * BLOCK_K])
             if Y_KN:
                 acc = tl.dot(x, y_desc.load([ki * BLOCK_K, n0]), acc)
             else:
                 acc = tl.dot(x, y_desc.load([n0, ki * BLOCK_K]).T, acc)
+        if FLATTEN:
+            acc = _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
+                                stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, R_BLOCKS)
 
         if EPILOGUE_SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) stores: half the shared-memory store buffer
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -144,7 +156,7 @@ def applies_dx(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 def _config_name(c: triton.Config) -> str:
     k = c.kwargs
     return (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} g{k['GROUP_M']} sub{int(k['EPILOGUE_SUBTILE'])} "
-            f"w{c.num_warps} s{c.num_stages}")
+            f"w{c.num_warps} s{c.num_stages}" + (" flat" if k["FLATTEN"] else ""))
 
 
 def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
@@ -154,8 +166,9 @@ def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor
     M, K = x.shape
     N, R = z.shape
     sms = num_sms(x.device)
+    block_r = seed_block_r(R)
     flags = dict(Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None, PER_ROW=rank.dim() == 1,
-                 BLOCK_R=seed_block_r(R), NUM_SMS=sms)
+                 BLOCK_R=block_r, NUM_SMS=sms, R_BLOCKS=cdiv(R, block_r))
     key = (bucket(M), bucket(N), bucket(K), x.dtype, z.dtype, rank.dtype, *flags.values())
     config = _CHOSEN.get(key)
     if config is None:

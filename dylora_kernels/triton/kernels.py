@@ -62,12 +62,14 @@ def _configs(kernel: str) -> list[triton.Config]:
     def _cfg(stages, warps, **blocks):
         return triton.Config(blocks, num_stages=stages, num_warps=warps)
 
-    if kernel == "tma":  # 16-bit only; 128x256 with 8 warps and 3-4 stages is the Hopper GEMM tile
-        configs = [_cfg(3, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
-                   _cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
-                   _cfg(4, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
-                   _cfg(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True),
-                   _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True)]
+    if kernel == "tma":  # 16-bit only; 128x256 with 8 warps and 3-4 stages is the Hopper GEMM tile. FLATTEN (one
+        # flattened persistent loop, the low-rank term after the K loop) spills registers at 128x256 (sm_90a): 128x128
+        # and 64x128 only.
+        tma = lambda stages, warps, bm, bn, flat: _cfg(stages, warps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
+                                                       EPILOGUE_SUBTILE=True, FLATTEN=flat)
+        configs = [tma(3, 4, 64, 64, False), tma(3, 8, 128, 256, False), tma(4, 8, 128, 256, False),
+                   tma(4, 8, 128, 128, False), tma(4, 4, 64, 128, False), tma(4, 8, 128, 128, True),
+                   tma(4, 8, 64, 128, True)]
     elif kernel == "fused":
         configs = [_cfg(2, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
                    _cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -122,7 +124,7 @@ def autotune_bench(fn, quantiles):
     """How the autotuners time one config: 5 ms of warm-up and 20 ms of repetitions (triton's default: 25 + 100
     ms). A new shape's first forward + backward at M = 8192 autotunes 14–20 configs here (after _prune: shrink 3,
     pointer GEMM 3 in the forward and again for dx, gradients 2–6), since the dispatcher runs every candidate:
-    0.35–0.5 s instead of 1.75–2.5 s, plus the TMA kernel's 4 + 4 configs, timed by hopper.py's tuner at ~12 ms
+    0.35–0.5 s instead of 1.75–2.5 s, plus the TMA kernel's 6 + 6 configs, timed by hopper.py's tuner at ~12 ms
     each. 20 ms is still ~57 runs of the largest benchmarked GEMM (8192×4096×4096 bf16, ~0.35 ms on an H200).
     Compilation is extra (and cached on disk)."""
     return triton.testing.do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
@@ -244,28 +246,62 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc):
-    """acc + ((u ⊙ [j < b_m]) / b_m)·Z[offs_n, offs_r]ᵀ for one block of slots; Z's slots at or beyond r_end (the
-    tile's largest rank) are not read. u is fp32, cast to Z's dtype after the 1/b_m scaling."""
+def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale):
+    """acc + ((u ⊙ [j < b_m]) · scale / b_m)·Z[offs_n, offs_r]ᵀ for one block of slots; Z's slots at or beyond r_end
+    (the tile's largest rank) are not read. u is fp32, cast to Z's dtype after the scaling."""
     z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :].to(tl.int64) * stride_zn,
                 mask=(offs_r[:, None] < r_end) & (offs_n[None, :] < N), other=0.0)
-    return tl.dot(_scale_slots(u, offs_r, b, False).to(z.dtype), z, acc)
+    return tl.dot((_scale_slots(u, offs_r, b, False) * scale).to(z.dtype), z, acc)
 
 
 @triton.jit
 def _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UNROLL: tl.constexpr = 0):
     """The fp32 tile alpha·Σ_j (U[m, j]/b_m)·Z[n, j] over j < b_m: what a fused GEMM starts its accumulator from
     (the low-rank term goes in before the K loop, so the epilogue holds nothing extra). Slot blocks run up to the
-    tile's largest rank; U and Z are not read beyond it."""
+    tile's largest rank; U and Z are not read beyond it. alpha multiplies the fp32 sum, so a 16-bit operand never
+    overflows where the formula does not. UNROLL = n > 0: n slot blocks unrolled at compile time (each masked at
+    that rank, so blocks past it read nothing) instead of a loop."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     r_end = tl.max(b, axis=0)
-    for r0 in range(0, r_end, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
-                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_end), other=0.0)
-        acc = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc)
+    if UNROLL:
+        for i in tl.static_range(UNROLL):
+            acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
+                                 stride_zn, stride_zr, BLOCK_R, acc, 1.0)
+    else:
+        for r0 in range(0, r_end, BLOCK_R):
+            acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn,
+                                 stride_zr, BLOCK_R, acc, 1.0)
     return acc * alpha
+
+
+@triton.jit
+def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr):
+    """acc + the low-rank term, its R_BLOCKS slot blocks unrolled (no loop: what a flattened persistent loop nest
+    can hold; a loop inside it stops the flattening), accumulated into acc itself: a second accumulator tile
+    spills registers there (sm_90a). alpha then multiplies the fp32 operand before its cast to Z's dtype — except
+    for fp16 Z, whose range that could overflow where the formula does not: there the term is summed apart and
+    scaled after, as the seed is."""
+    if z_ptr.dtype.element_ty == tl.float16:
+        return acc + _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
+                                   stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, R_BLOCKS)
+    r_end = tl.max(b, axis=0)
+    for i in tl.static_range(R_BLOCKS):
+        acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
+                             stride_zn, stride_zr, BLOCK_R, acc, alpha)
+    return acc
+
+
+@triton.jit
+def _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn, stride_zr,
+                   BLOCK_R: tl.constexpr, acc, scale):
+    """acc + the slot block [r0, r0 + BLOCK_R) of the low-rank term times ``scale`` (U loaded here; nothing at or
+    past r_end)."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_end), other=0.0)
+    return _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale)
 
 
 @triton.jit
@@ -450,7 +486,7 @@ def _decode_kernel(
         u = _dot(x, a, u)
 
     low_rank = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr,
-                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0)
     acc = _epilogue(acc + alpha * low_rank, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias,
                     stride_basem, stride_basen, HAS_BIAS, HAS_BASE)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on
