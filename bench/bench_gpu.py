@@ -107,6 +107,15 @@ def dispatched_choice():
     return dict(chosen)
 
 
+def first_call_s(step):
+    """Wall-clock seconds of one call, synchronised (for a new dispatch key: its measurement)."""
+    start = time.perf_counter()
+    step()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def host_us_per_forward(impl, calls=200):
     """Host time to enqueue one M = 1 forward (K = N = 4096), no sync inside the loop."""
     step = make_step(impl, (1, 4096, 4096) if DEVICE == "cuda" else SHAPES[-1], 32 if DEVICE == "cuda" else RANKS[0],
@@ -149,6 +158,8 @@ def run():
                 for impl in ("naive", "addmm", *paths):
                     try:
                         step = make_step(impl, shape, b, mode)
+                        if impl == "auto":  # its first call: the dispatcher's timing (the forced columns already
+                            row["auto_first_s"] = first_call_s(step)  # compiled and tuned every kernel)
                         row[f"{impl}_ms"] = median_ms(step)
                         row[impl] = row[f"{impl}_ms"] / floor
                         if mode != "forward" and impl in ("naive", "auto"):
@@ -169,9 +180,10 @@ def run():
 def table(rows, device_name, host):
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     paths = list(dict.fromkeys(p for r in rows for p in r["paths"]))
+    rank_form = "a Python int" if INT_RANK else "a 0-d tensor on the device"
     lines = [f"{device_name}, torch {torch.__version__}, {str(DTYPE).removeprefix('torch.')}, no bias, r_max = {R_MAX}, "
-             f"the package's rank {'a Python int' if INT_RANK else 'a 0-d tensor on the device'}; median time ratio over F.linear in the same run (lower is better); peak MiB = one forward+backward "
-             "above its inputs", "",
+             f"the package's rank {rank_form}; median time ratio over F.linear in the same run (lower is better); "
+             "peak MiB = one forward+backward above its inputs", "",
              "| M×K×N | b | pass | F.linear ms | naive | addmm peer | " + " | ".join(paths)
              + " | peak MiB naive | peak MiB auto |",
              "|---|---|---|---|---|---|" + "---|" * len(paths) + "---|---|"]
@@ -186,6 +198,12 @@ def table(rows, device_name, host):
                   "| M×K×N | b | F.linear graph ms | auto graph ratio |", "|---|---|---|---|"]
         lines += [f"| {'×'.join(map(str, r['shape']))} | {r['b']} | {r['graph_F.linear_ms']:.4f} | "
                   f"{r['graph_auto_ms'] / r['graph_F.linear_ms']:.3f} |" for r in graphs]
+    firsts = [r for r in rows if r.get("auto_first_s") is not None]
+    if firsts:
+        lines += ["", "Seconds of auto's first call per row (the dispatcher measuring its candidates; the forced columns "
+                  "before it compiled and tuned the kernels): " + ", ".join(
+                      f"{'×'.join(map(str, r['shape']))} b={r['b']} {MODES[r['mode']]} {r['auto_first_s']:.2f}"
+                      for r in firsts)]
     lines += ["", "Host µs to enqueue one forward (M = 1, K = N = 4096, no sync): "
               + ", ".join(f"{k} {v:.1f}" for k, v in host.items())]
     return "\n".join(lines)
