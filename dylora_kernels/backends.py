@@ -9,13 +9,12 @@ Each call picks one implementation among
                       "triton-decode" for M ≤ 16), as ``dylora_kernels.triton.variants`` lists them
 
 and for the backward also the pairs "<dx>/<lora>" (dx from one, dA and dB from another). With
-``backend="auto"`` the choice is measured on the first call per key (dispatch.py) and remembered;
-a named backend restricts the choice to itself (``"triton"``: to the Triton variants). The key is
-everything that changes which one is fastest and nothing that changes per call: the op, device,
-dtypes, which optional operands are present, per-row vs shared rank, where the rank lives, the mode,
-M rounded up to a power of two, N, K, r_max, whether the GEMM's operands suit TMA and whether the others'
-rows are contiguous. After the first call
-for a key the cost of choosing is one dictionary lookup.
+``backend="auto"`` the choice is measured on the first call per key (dispatch.py) and remembered; a named
+backend restricts the choice to itself (``"triton"``: to the Triton variants). The key is everything that
+changes which one is fastest and nothing that changes per call: the op, device, dtypes, which optional
+operands are present, per-row vs shared rank, where the rank lives, the mode, M rounded up to a power of
+two, N, K, r_max, whether the GEMM's operands suit TMA and whether the others' rows are contiguous. After
+the first call for a key the cost of choosing is one dictionary lookup.
 """
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
     dispatcher.choose(key, {"cublas": run_a, "triton": run_b})  ->  "triton"
 
-On the first call for a key every candidate is run once (warm-up: Triton compiles and autotunes
-there) and then timed in bursts of back-to-back calls between CUDA events (its cost per call in a loop,
-host and GPU overlapping); the fastest median wins. The choice is kept in
-memory and on disk (``~/.triton/dylora_dispatch/<package version>/<GPU name>.json``, beside Triton's
-own cache, or under ``$DYLORA_DISPATCH_CACHE``), so a later process on the same GPU model times
-nothing. ``DYLORA_DISPATCH=triton|cublas`` restricts the choice to one family (``auto``, the
-default, chooses among all); a backend named in the call (``backend="cublas"``) overrides it.
+On the first call for a key every candidate is run once (warm-up: Triton compiles and autotunes there)
+and then timed in bursts of back-to-back calls between CUDA events (its cost per call in a loop, host
+and GPU overlapping); the fastest median wins. The choice is kept in memory and on disk
+(``~/.triton/dylora_dispatch/<package version>/<GPU name>.json``, beside Triton's own cache, or under
+``$DYLORA_DISPATCH_CACHE``), so a later process on the same GPU model times nothing.
+``DYLORA_DISPATCH=triton|cublas`` restricts the choice to one family (``auto``, the default, chooses
+among all); a backend named in the call (``backend="cublas"``) overrides it.
 
 During CUDA-graph capture nothing is timed (it would launch and synchronise inside the capture): a
 remembered choice is used, else the first candidate in the order given (the router lists the cuBLAS
