@@ -61,7 +61,8 @@ class Launcher:
     def __call__(self, grid, args: tuple, constexprs: dict):
         if _INTERPRET:
             return self.tuner[grid](*args, **constexprs)
-        device = driver.active.get_current_device()
+        active = driver.active
+        device = active.get_current_device()
         caches = self.fn.device_caches.get(device)
         if caches is None:  # the first launch on this device: triton sets up its caches (and our key's backend)
             return self._through_triton(grid, args, constexprs)
@@ -81,7 +82,7 @@ class Launcher:
         if pre_hook is not None:
             pre_hook({**dict(zip(self.fn.arg_names, args)), **meta})
         grid_xyz = grid(meta) if callable(grid) else grid
-        return self._launch(kernel, grid_xyz, driver.active.get_current_stream(device), (*args, *tail))
+        return self._launch(kernel, grid_xyz, active.get_current_stream(device), (*args, *tail))
 
     def _through_triton(self, grid, args, constexprs):
         """triton's own launch (autotuning and compiling on first use); the compiled kernel it ran."""
