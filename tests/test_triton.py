@@ -198,10 +198,12 @@ def test_tma_configs_are_chosen_by_measurement(monkeypatch, tmp_path):
 
 @pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
-def test_flattened_tma_kernel(frozen_prefix, monkeypatch):
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=["fp16-adapters", "fp32-adapters"])
+def test_flattened_tma_kernel(frozen_prefix, adapter_dtype, monkeypatch):
     """A FLATTEN config (one flattened persistent loop, the low-rank term after the K loop with its slot blocks
     unrolled) against float64: several tiles per program, r_max over two slot blocks, ranks at and across the block
-    edge, per-row ranks, bias and base, and NaN in the unused slots of A and B never reaching an output."""
+    edge, per-row ranks, bias and base, and NaN in the unused slots of A and B never reaching an output. fp16
+    adapters sum the term apart (overflow), others accumulate it into the GEMM's accumulator: both paths."""
     import triton
     H = backend().hopper
     first = H.CONFIGS[0]
@@ -209,7 +211,7 @@ def test_flattened_tma_kernel(frozen_prefix, monkeypatch):
     monkeypatch.setattr(H, "CONFIGS", [flat])
     monkeypatch.setattr(H, "_CHOSEN", {})
     M, K, N, R = 150, 136, 72, 40  # R = 40: two slot blocks of 32 (R_BLOCKS = 2)
-    t = make(M, K, N, R, torch.float16, base=True)
+    t = make(M, K, N, R, torch.float16, adapter_dtype, base=True)
     for rank in (torch.tensor(1), torch.tensor(32), torch.tensor(33), per_row_ranks(M, R)):
         rank = rank.to(DEVICE)
         check(run(t, rank, frozen_prefix, "tma"), t, rank, frozen_prefix)

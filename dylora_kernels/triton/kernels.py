@@ -256,41 +256,39 @@ def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, 
 
 @triton.jit
 def _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UNROLL: tl.constexpr = 0):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """The fp32 tile alpha·Σ_j (U[m, j]/b_m)·Z[n, j] over j < b_m: what a fused GEMM starts its accumulator from
     (the low-rank term goes in before the K loop, so the epilogue holds nothing extra). Slot blocks run up to the
     tile's largest rank; U and Z are not read beyond it. alpha multiplies the fp32 sum, so a 16-bit operand never
-    overflows where the formula does not. UNROLL = n > 0: n slot blocks unrolled at compile time (each masked at
-    that rank, so blocks past it read nothing) instead of a loop."""
+    overflows where the formula does not."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     r_end = tl.max(b, axis=0)
-    if UNROLL:
-        for i in tl.static_range(UNROLL):
-            acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
-                                 stride_zn, stride_zr, BLOCK_R, acc, 1.0)
-    else:
-        for r0 in range(0, r_end, BLOCK_R):
-            acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn,
-                                 stride_zr, BLOCK_R, acc, 1.0)
+    for r0 in range(0, r_end, BLOCK_R):
+        acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn,
+                             stride_zr, BLOCK_R, acc, 1.0)
     return acc * alpha
 
 
 @triton.jit
 def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr):
-    """acc + the low-rank term, its R_BLOCKS slot blocks unrolled (no loop: what a flattened persistent loop nest
-    can hold; a loop inside it stops the flattening), accumulated into acc itself: a second accumulator tile
-    spills registers there (sm_90a). alpha then multiplies the fp32 operand before its cast to Z's dtype — except
-    for fp16 Z, whose range that could overflow where the formula does not: there the term is summed apart and
-    scaled after, as the seed is."""
-    if z_ptr.dtype.element_ty == tl.float16:
-        return acc + _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
-                                   stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, R_BLOCKS)
+    """acc + the low-rank term, its R_BLOCKS slot blocks unrolled at compile time (each masked at the tile's largest
+    rank, so blocks past it read nothing; no loop: what a flattened persistent loop nest can hold, a loop inside it
+    stops the flattening), accumulated into acc itself: a second accumulator tile spills registers there (sm_90a).
+    alpha then multiplies the fp32 operand before its cast to Z's dtype — except for fp16 Z, whose range that could
+    overflow where the formula does not: there the term is summed apart and scaled after, as the seed is."""
+    apart: tl.constexpr = z_ptr.dtype.element_ty == tl.float16
+    if apart:
+        term, scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0
+    else:
+        term, scale = acc, alpha
     r_end = tl.max(b, axis=0)
     for i in tl.static_range(R_BLOCKS):
-        acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
-                             stride_zn, stride_zr, BLOCK_R, acc, alpha)
-    return acc
+        term = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
+                              stride_zn, stride_zr, BLOCK_R, term, scale)
+    if apart:
+        return acc + term * alpha
+    return term
 
 
 @triton.jit
