@@ -11,7 +11,7 @@ The key is what selects the config and the binary: the autotune key's values (sh
 codes), the constexprs, and the specialisation triton gives each runtime argument, computed with
 triton's own ``native_specialize_impl`` (dtypes, 16-byte alignment of pointers, integers equal to 1
 or divisible by 16, i32 vs i64, descriptor shapes): a launch never reuses a binary compiled for other
-assumptions. A config's pre_hook, if one has any, runs on every launch (none of the package's configs has one).
+assumptions. A config with a pre_hook is never cached (none of the package's has one): it goes through triton.
 Under TRITON_INTERPRET=1 (CPU tensors) every call goes through triton: there is no binary.
 """
 from __future__ import annotations
@@ -66,21 +66,17 @@ class Launcher:
         caches = self.fn.device_caches.get(device)
         if caches is None:  # the first launch on this device: triton sets up its caches (and our key's backend)
             return self._through_triton(grid, args, constexprs)
-        # The key is computed before anything runs: a config's pre_hook may change its arguments (e.g. descriptor
-        # block shapes), so a key taken afterwards would never be found again.
         key = (device, *[args[i] for i in self.key_args], *constexprs.values(),
                *map(native_specialize_impl, repeat(caches[3]), args, *self.flags))
         entry = self.cache.get(key)
         if entry is None:
             kernel, config = self._through_triton(grid, args, constexprs), getattr(self.tuner, "best_config", None)
             meta = {**constexprs, **(config.kwargs if config is not None else {})}
-            if kernel is not None and all(name in meta for name in self.constexpr_names):
-                tail = tuple(meta[name] for name in self.constexpr_names)
-                self.cache[key] = (kernel, tail, meta, getattr(config, "pre_hook", None))
+            cacheable = kernel is not None and getattr(config, "pre_hook", None) is None
+            if cacheable and all(name in meta for name in self.constexpr_names):
+                self.cache[key] = (kernel, tuple(meta[name] for name in self.constexpr_names), meta)
             return kernel
-        kernel, tail, meta, pre_hook = entry
-        if pre_hook is not None:
-            pre_hook({**dict(zip(self.fn.arg_names, args)), **meta})
+        kernel, tail, meta = entry
         grid_xyz = grid(meta) if callable(grid) else grid
         return self._launch(kernel, grid_xyz, active.get_current_stream(device), (*args, *tail))
 
