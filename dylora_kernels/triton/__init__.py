@@ -89,9 +89,7 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
     on the trained slots (< b_m, or b_m - 1 in frozen-prefix mode), exactly zero elsewhere (empty unless
     compute_lora). u is the forward's (M, R) fp32 intermediate."""
     (M, K), (N, R) = x.shape, lora_B.shape
-    # What is not asked for comes back empty (allocated only then: a CUDA allocation is host time too).
-    dx = x.new_empty(0) if not compute_dx else None
-    dA, dB = (lora_A.new_empty(0), lora_B.new_empty(0)) if not compute_lora else (None, None)
+    dx, dA, dB = x.new_empty(0), lora_A.new_empty(0), lora_B.new_empty(0)  # what is not asked for comes back empty
     if not (compute_dx or compute_lora):
         return dx, dA, dB
     rank = rank.contiguous()
