@@ -13,7 +13,10 @@ Each entry is ``fn(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix) 
 ``rank`` is an int for F.linear, naive and addmm (they slice on the host); dylora also takes a 0-d
 integer tensor on x's device, the form training loops use (no host-to-device copy per call).
 """
+import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -37,6 +40,23 @@ def median_ms(fn, wall_clock: bool = False, **do_bench):
         return statistics.median(times) * 1e3
     import triton.testing
     return triton.testing.do_bench(fn, return_mode="median", **do_bench)
+
+
+def gpu_bench_setup(doc: str, script: str, dry_run: bool, quick_help: str, *flags: tuple[str, str]):
+    """(parsed arguments, device name) for a GPU benchmark: --out DIR (default $OUT, else bench/out), --quick,
+    --dry-run and the extra store_true ``flags`` ((name, help) pairs); exits without a GPU unless it is a dry run."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--dry-run", action="store_true", help="CPU plumbing check under the Triton interpreter")
+    for name, help_text in flags:
+        parser.add_argument(name, action="store_true", help=help_text)
+    args = parser.parse_args()
+    if dry_run:
+        return args, "CPU (dry run, Triton interpreter)"
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA device (or --dry-run)")
+    return args, torch.cuda.get_device_name()
 
 
 def f_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix):

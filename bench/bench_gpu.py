@@ -17,7 +17,6 @@ wall-clock timer): the numbers mean nothing. --quick: b = 32 only and fewer shap
 gets the rank as a Python int (a host value: the cuBLAS composition slices with it) instead of a 0-d tensor on
 the GPU (what a training loop holds; the default).
 """
-import argparse
 import functools
 import json
 import os
@@ -210,15 +209,8 @@ def table(rows, device_name, host):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    parser.add_argument("--dry-run", action="store_true", help="CPU plumbing check under the Triton interpreter")
-    parser.add_argument("--quick", action="store_true", help="b = 32 only, three shapes")
-    parser.add_argument("--int-rank", action="store_true", help="the package's rank as a Python int")
-    args = parser.parse_args()
-    if not DRY_RUN and not torch.cuda.is_available():
-        sys.exit("bench_gpu.py needs a CUDA device (or --dry-run)")
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run, Triton interpreter)"
+    args, device_name = timing.gpu_bench_setup(__doc__, "bench_gpu.py", DRY_RUN, "b = 32 only, three shapes",
+                                               ("--int-rank", "the package's rank as a Python int"))
     print(f"{device_name}; C++ extension: {'built' if backends._C is not None else 'MISSING (cublas path not timed)'}",
           flush=True)
     rows = run()

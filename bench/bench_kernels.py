@@ -16,7 +16,6 @@ what a short GPU session can afford after bench/gpu_check.sh).
 --dry-run checks the plumbing on CPU tensors with the Triton interpreter (tiny shapes, fp32, a wall-clock
 timer, no profiler): the numbers mean nothing.
 """
-import argparse
 import os
 import sys
 
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dylora_kernels.triton as T  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import median_ms  # noqa: E402
+from baselines import gpu_bench_setup, median_ms  # noqa: E402
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096), (16, 4096, 4096), (1, 4096, 4096)]
 R_MAX, RANKS, ALPHA, DTYPE, DEVICE = 64, (8, 32), 16.0, torch.bfloat16, "cuda"
@@ -57,14 +56,7 @@ def kernel_times(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    parser.add_argument("--quick", action="store_true", help="three shapes at b = 32 only")
-    parser.add_argument("--dry-run", action="store_true", help="CPU plumbing check under the Triton interpreter")
-    args = parser.parse_args()
-    if not DRY_RUN and not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA device (or --dry-run)")
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run, Triton interpreter)"
+    args, device_name = gpu_bench_setup(__doc__, "bench_kernels.py", DRY_RUN, "three shapes at b = 32 only")
     lines = [f"{device_name}, torch {torch.__version__}, {str(DTYPE).removeprefix('torch.')}, no bias, r_max = {R_MAX}",
              "", "| M×K×N | b | pass | variant | µs | ratio over F.linear | F.linear µs |", "|---|---|---|---|---|---|---|"]
     profiles = []
