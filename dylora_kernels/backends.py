@@ -79,8 +79,9 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _tma_ready(t: Tensor | None) -> bool:
-    """Unit last stride and 16-byte aligned base and row stride (what a TMA descriptor needs)."""
+def tma_ready(t: Tensor | None) -> bool:
+    """Unit last stride and 16-byte aligned base and row stride (what a TMA descriptor needs; triton/hopper.py
+    checks its operands with this too), or no operand."""
     return t is None or (t.stride(-1) == 1 and not (t.data_ptr() | t.stride(0) * t.element_size()) & 15)
 
 
@@ -167,7 +168,7 @@ def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend)
     M, K = x.shape
     N, R = lora_B.shape
     key = ("forward", backend, x.device, x.dtype, lora_A.dtype, weight is None, bias is None, base is None,
-           rank.dim(), rank.is_cpu, _bucket(M), N, K, R, _tma_ready(x), _tma_ready(weight), _rows(base),
+           rank.dim(), rank.is_cpu, _bucket(M), N, K, R, tma_ready(x), tma_ready(weight), _rows(base),
            _rows(lora_A), _rows(lora_B))
     kernel = _CHOSEN.get(key)
     args = (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
@@ -181,7 +182,7 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
     M, K = x.shape
     N, R = lora_B.shape
     key = ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.is_cpu,
-           frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, _tma_ready(grad), _tma_ready(weight),
+           frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, tma_ready(grad), tma_ready(weight),
            _rows(x), _rows(lora_A), _rows(lora_B))
     kernel = _CHOSEN.get(key)
     args = (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora)

@@ -32,6 +32,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..backends import tma_ready
 from ..dispatch import Dispatcher, default_cache_dir
 from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_into, _lowrank_seed, _prune, _row_ranks, _strides,
                       _tile_coords, bucket, cdiv, num_sms, seed_block_r)
@@ -121,9 +122,7 @@ _CHOSEN: dict[tuple, triton.Config] = {}  # key -> the config measured fastest (
 # --------------------------------------------------------------------------------------------
 def _tma_ok(t: torch.Tensor) -> bool:
     """A 2-D tensor TMA can address: non-empty, unit last stride, 16-byte aligned base and row stride."""
-    size = t.element_size()
-    return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    return t.dim() == 2 and t.numel() > 0 and tma_ready(t)
 
 
 @functools.lru_cache(maxsize=None)
