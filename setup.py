@@ -1,18 +1,63 @@
-"""Builds the C++ CPU kernels (csrc/) as dylora_kernels._C with torch's cpp_extension and ninja.
+"""Builds dylora_kernels._C with torch's cpp_extension and ninja.
 
-Install with ``pip install --no-build-isolation .`` (or ``-e .``) into an environment that already has
-torch: with build isolation pip would fetch a second, multi-GB torch just to compile against.
+    CPU build   csrc/*.cpp                          (torch without CUDA, or no nvcc, or DYLORA_BUILD_CUDA=0)
+    GPU build   csrc/*.cpp + csrc/cuda/*.{cpp,cu}   (torch with CUDA and nvcc found, or DYLORA_BUILD_CUDA=1),
+                compiled with WITH_CUDA for TORCH_CUDA_ARCH_LIST (default: sm_80, sm_86, sm_89, sm_90a)
+
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) into an environment that already has torch:
+with build isolation pip would fetch a second, multi-GB torch just to compile against. The C++ standard is the
+one torch's cpp_extension picks for the torch it builds against (C++17 up to torch 2.13, C++20 from 2.14).
+The GPU build links no libcuda (driver functions are reached through cudaGetDriverEntryPoint), so it
+compiles on a machine without a GPU or driver.
 """
-from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+import glob
+import os
 
-setup(
-    ext_modules=[
-        CppExtension(
-            "dylora_kernels._C",
-            sources=["csrc/dylora.cpp"],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0a"
+
+
+def build_cuda() -> bool:
+    forced = os.environ.get("DYLORA_BUILD_CUDA", "")
+    if forced not in ("", "0", "1"):
+        raise SystemExit(f"DYLORA_BUILD_CUDA must be 0 or 1 (or unset: automatic), got {forced!r}")
+    found = torch.version.cuda is not None and CUDA_HOME is not None
+    if forced == "1" and not found:
+        raise SystemExit(f"DYLORA_BUILD_CUDA=1 needs a CUDA build of torch (this one: {torch.__version__}) and "
+                         f"nvcc (CUDA_HOME: {CUDA_HOME})")
+    return found if forced == "" else forced == "1"
+
+
+def cuda_library_includes() -> list[str]:
+    """Headers ATen's CUDA headers include that a toolkit install may lack (cusparse.h, ...): the nvidia-*
+    wheels torch depends on ship them (nvidia/cu13/include, or nvidia/<lib>/include on CUDA 12)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        found += sorted(glob.glob(os.path.join(root, "cu*", "include")) + glob.glob(os.path.join(root, "*", "include")))
+    return [d for d in found if os.path.isdir(d)]
+
+
+sources = sorted(glob.glob("csrc/*.cpp"))
+if build_cuda():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    extension = CUDAExtension(
+        "dylora_kernels._C",
+        sources=sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
+        define_macros=[("WITH_CUDA", None)],
+        include_dirs=[os.path.abspath("csrc")],
+        library_dirs=[],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *(f"-I{d}" for d in cuda_library_includes())]},
+    )
+    extension.include_dirs += cuda_library_includes()
+else:
+    extension = CppExtension("dylora_kernels._C", sources=sources, include_dirs=[os.path.abspath("csrc")],
+                             extra_compile_args={"cxx": ["-O3"]})
+
+setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
