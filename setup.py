@@ -12,10 +12,28 @@ compiles on a machine without a GPU or driver.
 """
 import glob
 import os
+import shutil
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _toolkit_home() -> str | None:
+    """The CUDA toolkit when neither CUDA_HOME nor CUDA_PATH names it. torch takes the parent of the first nvcc on
+    PATH, which is wrong for a wrapper script (e.g. /usr/local/bin/nvcc exec-ing /usr/local/cuda-13.0/bin/nvcc):
+    take the first candidate that has the runtime headers."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in [*candidates, "/usr/local/cuda"]:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and _toolkit_home():
+    os.environ["CUDA_HOME"] = _toolkit_home()  # before cpp_extension reads it
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0a"
 
@@ -33,7 +51,8 @@ def build_cuda() -> bool:
 
 def cuda_library_includes() -> list[str]:
     """Headers ATen's CUDA headers include that a toolkit install may lack (cusparse.h, ...): the nvidia-*
-    wheels torch depends on ship them (nvidia/cu13/include, or nvidia/<lib>/include on CUDA 12)."""
+    wheels torch depends on ship them (nvidia/cu13/include, or nvidia/<lib>/include on CUDA 12). Passed as
+    -isystem, so they are searched after the toolkit's own headers."""
     try:
         import nvidia
     except ImportError:
@@ -46,18 +65,22 @@ def cuda_library_includes() -> list[str]:
 
 sources = sorted(glob.glob("csrc/*.cpp"))
 if build_cuda():
+    system_includes = [flag for d in cuda_library_includes() for flag in ("-isystem", d)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     extension = CUDAExtension(
         "dylora_kernels._C",
         sources=sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
         define_macros=[("WITH_CUDA", None)],
         include_dirs=[os.path.abspath("csrc")],
-        library_dirs=[],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *(f"-I{d}" for d in cuda_library_includes())]},
+        extra_compile_args={"cxx": ["-O3", *system_includes], "nvcc": ["-O3", *system_includes]},
     )
-    extension.include_dirs += cuda_library_includes()
 else:
     extension = CppExtension("dylora_kernels._C", sources=sources, include_dirs=[os.path.abspath("csrc")],
                              extra_compile_args={"cxx": ["-O3"]})
+
+# What `python -m dylora_kernels info` reports about this build (generated; not tracked by git).
+with open(os.path.join("dylora_kernels", "_build_info.py"), "w") as f:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda() else ""
+    f.write(f'"""Written by setup.py."""\nCUDA_BUILD = {build_cuda()!r}\nCUDA_ARCHS = {archs!r}\nTORCH = {torch.__version__!r}\n')
 
 setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -29,6 +29,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "dylora.h"
+#include "prep.h"
+
 #include <algorithm>
 #include <limits>
 #include <map>
@@ -310,6 +313,50 @@ DeviceRank device_rank(const Tensor& rank, int64_t r_max, at::ScalarType acc) {
   return d;
 }
 
+}  // namespace
+
+// The lean composition (prep.h): the device-rank path in 4 launches forward (x·Aᵀ, prep, x·Wᵀ + bias, y += α·p·zᵀ)
+// and 6 backward (g·B, prep, g·W, dx += α·p_dx·a, α·p_aᵀ·x, α·gᵀ·q_b), instead of ~10 and ~18–24 ATen launches:
+// what the GPU build runs for CUDA tensors (CPU tensors run it in tests). The prep's NaN rules are those above.
+std::tuple<Tensor, Tensor> forward_lean(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                        const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
+                                        const Tensor& rank, double alpha, bool need_u) {
+  const auto acc = intermediate_dtype(x, lora_A);
+  const auto prepped = prep::forward(mm_in(x, lora_A.t(), acc), rank.to(at::kLong).contiguous(), lora_B,
+                                     x.scalar_type(), need_u);
+  Tensor y = linear_plus_low_rank(x, weight, bias, base, prepped.p, prepped.z.t(), alpha);
+  return {y, need_u ? prepped.u : at::empty({0}, x.options().dtype(acc))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_lean(const Tensor& grad, const Tensor& x, const optional<Tensor>& weight,
+                                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
+                                                 const Tensor& rank, double alpha, bool frozen_prefix, bool compute_dx,
+                                                 bool compute_lora) {
+  auto [dx, dA, dB] = not_computed(x, lora_A, lora_B);
+  if (!(compute_dx || compute_lora)) return {dx, dA, dB};
+  const auto prepped = prep::backward(mm_in(grad, lora_B, intermediate_dtype(x, lora_A)), u,
+                                      rank.to(at::kLong).contiguous(), lora_A, x.scalar_type(), frozen_prefix,
+                                      compute_dx, compute_lora);
+  if (compute_dx) dx = grad_input(grad, weight, prepped.p_dx, prepped.a, alpha);
+  if (compute_lora) {
+    dA = scaled_mm(prepped.p_a.t(), x, alpha, std::nullopt).to(lora_A.scalar_type());
+    dB = scaled_mm(grad.t(), prepped.q_b, alpha, std::nullopt).to(lora_B.scalar_type());
+  }
+  return {dx, dA, dB};
+}
+
+// Whether the lean composition's prep kernel exists for x's device: CUDA in the GPU build. (A CPU build used with
+// CUDA tensors, through the Python router, runs the same math in ATen ops: forward_device_rank below.)
+bool lean_on(const Tensor& x) {
+#ifdef WITH_CUDA
+  return x.is_cuda();
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+// The entry points of the ATen composition (declared in dylora.h: the CUDA executor runs them as its "cublas" plan).
 std::tuple<Tensor, Tensor> forward_device_rank(const Tensor& x, const optional<Tensor>& weight,
                                                const optional<Tensor>& bias,
                                                const optional<Tensor>& base,
@@ -381,8 +428,9 @@ std::tuple<Tensor, Tensor> forward_aten(const Tensor& x, const optional<Tensor>&
                                         const optional<Tensor>& bias, const optional<Tensor>& base,
                                         const Tensor& lora_A, const Tensor& lora_B,
                                         const Tensor& rank, double alpha, bool need_u) {
-  return rank.is_cpu() ? forward_host_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
-                       : forward_device_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+  if (rank.is_cpu()) return forward_host_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+  return lean_on(x) ? forward_lean(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
+                    : forward_device_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_aten(const Tensor& grad, const Tensor& x,
@@ -391,12 +439,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_aten(const Tensor& grad, const Tenso
                                                  const Tensor& u, const Tensor& rank, double alpha,
                                                  bool frozen_prefix, bool compute_dx,
                                                  bool compute_lora) {
-  return rank.is_cpu()
-             ? backward_host_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix,
-                                  compute_dx, compute_lora)
-             : backward_device_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix,
-                                    compute_dx, compute_lora);
+  if (rank.is_cpu()) {
+    return backward_host_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
+                              compute_lora);
+  }
+  return lean_on(x) ? backward_lean(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
+                                    compute_lora)
+                    : backward_device_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix,
+                                           compute_dx, compute_lora);
 }
+
+namespace {
 
 // Backends other than the C++ one on CPU tensors are Triton kernels under TRITON_INTERPRET=1 (how
 // CI tests them): those go to the CUDA kernel, which is Python and accepts CPU tensors there.
@@ -605,10 +658,17 @@ TORCH_LIBRARY_IMPL(dylora, AutocastCUDA, m) {
 
 // The ATen composition as plain functions, for the Python CUDA router (the "cublas" backend) and for
 // tests that run the device-rank path on CPU tensors.
+namespace dylora::executor {
+void register_bindings(pybind11::module& m);  // csrc/plan.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dylora C++ kernels; call them through torch.ops.dylora (see dylora_kernels/ops.py)";
   m.def("forward", &dylora::forward_aten, "(y, u) through ATen: host-rank or device-rank path");
   m.def("backward", &dylora::backward_aten, "(dx, dA, dB) through ATen");
   m.def("forward_device_rank", &dylora::forward_device_rank, "the device-rank path (tests)");
   m.def("backward_device_rank", &dylora::backward_device_rank, "the device-rank path (tests)");
+  m.def("forward_lean", &dylora::forward_lean, "the lean composition: device-rank path of the GPU build (tests)");
+  m.def("backward_lean", &dylora::backward_lean, "the lean composition (tests)");
+  dylora::executor::register_bindings(m);
 }

@@ -1,14 +1,19 @@
-"""Command line: ``python -m dylora_kernels demo [options]`` (or the ``dylora-demo`` script)."""
+"""Command line: ``python -m dylora_kernels demo [options]`` (or the ``dylora-demo`` script), and
+``python -m dylora_kernels info`` (what was built, the GPU seen, the backends that run on it)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "info")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["info"]:
+        from . import info
+
+        return info.main()
     if not argv or argv[0] not in COMMANDS:
         argv.insert(0, "demo")  # the default command: the dylora-demo script passes options only
     parser = argparse.ArgumentParser(prog="python -m dylora_kernels")

@@ -55,6 +55,16 @@ def triton_available(device: torch.device) -> bool:
     return _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
 
 
+def available(device: torch.device) -> list[str]:
+    """The backends that can run on ``device`` (a CUDA device): the cuBLAS composition with the C++ extension, the
+    Triton variants with triton (TMA on sm_90+ only), and the reference."""
+    names = ["cublas"] if _C is not None else []
+    if triton_available(device):
+        names += ["triton", "triton-decode"] + (["triton-tma"] if torch.cuda.get_device_capability(device)[0] >= 9
+                                                else [])
+    return names + ["reference"]
+
+
 @functools.cache
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -152,43 +162,96 @@ def _pair(dx_kernel, lora_kernel, grad, x, weight, lora_A, lora_B, u, rank, alph
 _CHOSEN: dict[tuple, Callable] = {}
 
 
-def _choose(key: tuple, candidates: dict[str, Callable], args: tuple, device: torch.device) -> Callable:
+def _choose(key: tuple, candidates: dict[str, Callable], args: tuple, device: torch.device) -> tuple[str, bool]:
+    """(name of the fastest candidate, whether that choice is final). Measured on a GPU (dispatch.py); the first
+    candidate in the interpreter or when there is one. Not final when made during a CUDA-graph capture without
+    a remembered measurement (the first candidate, used once: the next eager call measures)."""
     if len(candidates) > 1 and device.type == "cuda":
         portable = tuple(k for k in key if not isinstance(k, torch.device))  # the GPU's name stands for it
         runs = {name: functools.partial(kernel, *args) for name, kernel in candidates.items()}
         name = DISPATCHER.choose(_device_name(device), portable, runs)
-    else:
-        name = next(iter(candidates))  # one candidate, or the interpreter: nothing worth timing
-    kernel = _CHOSEN[key] = candidates[name]
-    return kernel
+        return name, (_device_name(device), *portable) in DISPATCHER.memory
+    return next(iter(candidates)), True  # one candidate, or the interpreter: nothing worth timing
+
+
+def _forward_key(backend, x, weight, bias, base, lora_A, lora_B, rank) -> tuple:
+    (M, K), (N, R) = x.shape, lora_B.shape
+    return ("forward", backend, x.device, x.dtype, lora_A.dtype, weight is None, bias is None, base is None,
+            rank.dim(), rank.is_cpu, _bucket(M), N, K, R, tma_ready(x), tma_ready(weight), _rows(base),
+            _rows(lora_A), _rows(lora_B))
+
+
+def _backward_key(backend, grad, x, weight, lora_A, lora_B, rank, frozen_prefix, compute_dx, compute_lora) -> tuple:
+    (M, K), (N, R) = x.shape, lora_B.shape
+    return ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.is_cpu,
+            frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, tma_ready(grad), tma_ready(weight),
+            _rows(x), _rows(lora_A), _rows(lora_B))
+
+
+def _candidates(op: str, backend: str, args: tuple) -> dict[str, Callable]:
+    """name -> kernel for one call's arguments (the backward's include the "<dx>/<lora>" pairs when both are asked)."""
+    if op == "forward":
+        x, weight, _, _, lora_A, lora_B = args[:6]
+        return _implementations("forward", x, weight, lora_A, lora_B, backend)
+    grad, x, weight, lora_A, lora_B = args[:5]
+    candidates = _implementations("backward", x, weight, lora_A, lora_B, backend)
+    compute_dx, compute_lora = args[9], args[10]
+    return _pairs(candidates) if compute_dx and compute_lora else candidates
+
+
+def _key(op: str, backend: str, args: tuple) -> tuple:
+    if op == "forward":
+        x, weight, bias, base, lora_A, lora_B, rank = args[:7]
+        return _forward_key(backend, x, weight, bias, base, lora_A, lora_B, rank)
+    grad, x, weight, lora_A, lora_B, _, rank, _, frozen_prefix, compute_dx, compute_lora = args
+    return _backward_key(backend, grad, x, weight, lora_A, lora_B, rank, frozen_prefix, compute_dx, compute_lora)
+
+
+def _run(op: str, backend: str, args: tuple):
+    """The Python path of one call: the kernel chosen for its key (chosen on the key's first call)."""
+    key = _key(op, backend, args)
+    kernel = _CHOSEN.get(key)
+    if kernel is None:
+        candidates = _candidates(op, backend, args)
+        name, final = _choose(key, candidates, args, args[1].device if op == "backward" else args[0].device)
+        kernel = candidates[name]
+        if final:
+            _CHOSEN[key] = kernel
+    return kernel(*args)
 
 
 def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend):
-    """(y, u) for dylora::forward on CUDA tensors (or CPU tensors in the Triton interpreter)."""
-    M, K = x.shape
-    N, R = lora_B.shape
-    key = ("forward", backend, x.device, x.dtype, lora_A.dtype, weight is None, bias is None, base is None,
-           rank.dim(), rank.is_cpu, _bucket(M), N, K, R, tma_ready(x), tma_ready(weight), _rows(base),
-           _rows(lora_A), _rows(lora_B))
-    kernel = _CHOSEN.get(key)
-    args = (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
-    if kernel is None:
-        kernel = _choose(key, _implementations("forward", x, weight, lora_A, lora_B, backend), args, x.device)
-    return kernel(*args)
+    """(y, u) for dylora::forward on CUDA tensors through Python (the CPU build, ``DYLORA_CUDA_PATH=python``) or
+    CPU tensors in the Triton interpreter."""
+    return _run("forward", backend, (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u))
 
 
 def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora, backend):
-    """(dx, dA, dB) for dylora::backward on CUDA tensors (or CPU tensors in the Triton interpreter)."""
-    M, K = x.shape
-    N, R = lora_B.shape
-    key = ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.is_cpu,
-           frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, tma_ready(grad), tma_ready(weight),
-           _rows(x), _rows(lora_A), _rows(lora_B))
-    kernel = _CHOSEN.get(key)
-    args = (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora)
-    if kernel is None:
-        candidates = _implementations("backward", x, weight, lora_A, lora_B, backend)
-        if compute_dx and compute_lora:
-            candidates = _pairs(candidates)
-        kernel = _choose(key, candidates, args, x.device)
-    return kernel(*args)
+    """(dx, dA, dB) for dylora::backward, through Python (as ``forward``)."""
+    return _run("backward", backend,
+                (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora))
+
+
+def plan(op: str, backend: str, args: tuple) -> tuple[list[tuple], bool]:
+    """The C++ executor's planner (csrc/plan.cpp), called once per new key with that call's arguments: the chosen
+    implementation as parts ``(name, Triton description or None, kernel)`` — one, or for a backward pair two (dx
+    from the first, dA and dB from the second) — and whether the choice is final (see ``_choose``). The C++ side
+    runs "cublas" itself, a Triton part from its description (``triton/cplan.py``) when its launcher takes it,
+    and anything else by calling the kernel."""
+    device = args[1].device if op == "backward" else args[0].device
+    candidates = _candidates(op, backend, args)
+    name, final = _choose(_key(op, backend, args), candidates, args, device)
+    # a pair's parts are candidates themselves (_pairs keeps every single kernel)
+    return [(part, _triton_description(op, part, args), candidates[part]) for part in name.split("/")], final
+
+
+def _triton_description(op: str, name: str, args: tuple):
+    """What the C++ Triton launcher needs to run candidate ``name`` for these arguments, or None (not a Triton
+    candidate, or no C++ launcher description available: the C++ side then calls the kernel)."""
+    if not name.startswith("triton"):
+        return None
+    try:
+        from .triton import cplan
+    except ImportError:
+        return None
+    return cplan.describe(op, "pointer" if name == "triton" else name.removeprefix("triton-"), args)

@@ -361,9 +361,12 @@ else:
         x.new_empty(*x.shape[:-1], _out_features(weight, lora_B)))
 torch.library.register_fake("dylora::forward")(_fake_forward)
 torch.library.register_fake("dylora::backward")(_fake_backward)
-_IMPL_LIBRARY = torch.library.Library("dylora", "IMPL")
-_IMPL_LIBRARY.impl("forward", backends.forward, "CUDA")
-_IMPL_LIBRARY.impl("backward", backends.backward, "CUDA")
+if _C is not None:  # the C++ CUDA executor (csrc/plan.cpp) asks backends.plan on a new key, else runs without Python
+    _C.set_python_side(backends.plan, backends.forward, backends.backward)
+if _C is None or not _C.CUDA_BUILD:  # the CPU build: CUDA calls go through Python (backends.py)
+    _IMPL_LIBRARY = torch.library.Library("dylora", "IMPL")
+    _IMPL_LIBRARY.impl("forward", backends.forward, "CUDA")
+    _IMPL_LIBRARY.impl("backward", backends.backward, "CUDA")
 
 
 class _PyLinear(torch.autograd.Function):

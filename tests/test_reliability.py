@@ -22,30 +22,37 @@ ALPHA = 3.0
 FUZZ_CASES = int(os.environ.get("DYLORA_FUZZ_CASES", "300"))
 
 
-def device_rank_path(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, grad):
-    """y, dx, dA, dB from the ATen composition's device-rank path (masks and 1/b on the device)."""
-    y, u = _C.forward_device_rank(x, weight, bias, None, lora_A, lora_B, rank, alpha, True)
-    dx, dA, dB = _C.backward_device_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, True, True)
-    return y, dx, dA, dB
+def composition_path(forward, backward):
+    """y, dx, dA, dB from one of the ATen composition's device-rank paths (the rank never read on the host): the
+    ATen-ops one ("aten-device-rank": CUDA tensors in a CPU build) or the lean one ("lean": the prep kernel of the
+    GPU build; its CPU loop here)."""
+    def path(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, grad):
+        y, u = forward(x, weight, bias, None, lora_A, lora_B, rank, alpha, True)
+        dx, dA, dB = backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, True, True)
+        return y, dx, dA, dB
+    return path
+
+
+DEVICE_RANK_PATHS = {} if not HAS_EXTENSION else {
+    "aten-device-rank": composition_path(_C.forward_device_rank, _C.backward_device_rank),
+    "lean": composition_path(_C.forward_lean, _C.backward_lean)}
 
 
 def public_api(backend):
-    """y, dx, dA, dB through dylora_linear with ``backend`` (conftest.run), in device_rank_path's signature."""
+    """y, dx, dA, dB through dylora_linear with ``backend`` (conftest.run), in composition_path's signature."""
     def call(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, grad):
         inputs = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
         return run(inputs, rank, alpha, frozen_prefix, backend, grad)
     return call
 
 
-PATHS = {name: public_api(name) for name in BACKENDS} | {"reference": public_api("reference")}
-if HAS_EXTENSION:
-    PATHS["aten-device-rank"] = device_rank_path
+PATHS = {name: public_api(name) for name in BACKENDS} | {"reference": public_api("reference")} | DEVICE_RANK_PATHS
 
 
 def path_params(dtypes=(torch.float32,)):
     params = []
     for name in PATHS:
-        device = "cpu" if name in ("reference", "aten-device-rank") else device_of(name)
+        device = "cpu" if name == "reference" or name in DEVICE_RANK_PATHS else device_of(name)
         for dtype in dtypes:
             if name in BACKENDS and dtype not in BACKENDS[name][1]:
                 continue
@@ -60,7 +67,7 @@ def path_params(dtypes=(torch.float32,)):
 def test_unused_slots_never_reach_outputs(name, device, dtype, rank_kind, frozen_prefix, poison):
     """NaN/Inf in A[b:] and B[:, b:] (b the largest rank in use) change nothing: y, dx, dA and dB equal
     those of clean adapters, and the gradient of every untrained slot is exactly zero."""
-    if rank_kind == "int" and name == "aten-device-rank":
+    if rank_kind == "int" and name in DEVICE_RANK_PATHS:
         pytest.skip("the device-rank path takes rank tensors")
     M, K, N, r_max = 21, 18, 15, 9
     inputs = make_inputs((M, K), N, r_max, True, "contiguous", dtype, device)
@@ -112,7 +119,8 @@ def test_no_fp16_overflow_from_the_scale(name, device, dtype, rank_kind):
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
-def test_invalid_device_ranks_poison_their_rows():
+@pytest.mark.parametrize("path", ["aten-device-rank", "lean"])
+def test_invalid_device_ranks_poison_their_rows(path):
     """A rank tensor on the device is never read on the host: rows whose rank is outside [1, r_max]
     come out NaN (y, dx, and the gradients they feed), never garbage; the other rows are exact."""
     M, K, N, r_max = 6, 8, 5, 4
@@ -120,6 +128,7 @@ def test_invalid_device_ranks_poison_their_rows():
     rank = torch.tensor([1, 0, 4, 5, 2, -3])
     bad = torch.tensor([False, True, False, True, False, True])
     grad = torch.randn(M, N)
+    device_rank_path = DEVICE_RANK_PATHS[path]
     y, dx, dA, dB = device_rank_path(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], rank, ALPHA, False, grad)
     assert torch.isnan(y[bad]).all() and torch.isnan(dx[bad]).all()
     assert torch.isnan(dA).any() and torch.isnan(dB).any()
