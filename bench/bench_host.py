@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from host_harness import stubbed_gpu_launches  # noqa: E402
 
-from dylora_kernels import dylora_linear  # noqa: E402
+from dylora_kernels import backends, dylora_linear, ops  # noqa: E402
 
 M, K, N, R_MAX, RANK = 1, 64, 64, 8, 4
 CALLS = 300  # per row per round
@@ -60,7 +60,24 @@ def rows():
     for backend in ("triton", "triton-tma"):
         out[f"{backend}: fwd+bwd frozen-prefix"] = ("fwd+bwd", fwd_bwd(backend, True))
         out[f"{backend}: fwd+bwd full"] = ("fwd+bwd", fwd_bwd(backend, False))
+    # The C++ CUDA executor (csrc/plan.cpp) with a cuBLAS-composition plan, on these CPU tensors: the same ATen
+    # composition called directly vs through the executor (key, plan lookup, dispatch): the difference is the
+    # executor's own host work. The rank tensor is 0-d on the host, as a Python int becomes.
+    C, rank = ops._C, torch.tensor(RANK)
+    u = C.forward(x, w, None, None, A, B, rank, 1.0, True)[1]
+    out["cuBLAS composition, direct: forward"] = ("forward", lambda: C.forward(x, w, None, None, A, B, rank, 1.0, False))
+    out["cuBLAS composition, executor: forward"] = (
+        "forward", lambda: C.executor_forward(x, w, None, None, A, B, rank, 1.0, False, "cublas"))
+    out["cuBLAS composition, direct: backward frozen"] = (
+        "backward", lambda: C.backward(grad, x, w, A, B, u, rank, 1.0, True, True, True))
+    out["cuBLAS composition, executor: backward frozen"] = (
+        "backward", lambda: C.executor_backward(grad, x, w, A, B, u, rank, 1.0, True, True, True, "cublas"))
     return out
+
+
+def cublas_planner(op, backend, args):
+    """The executor's planner for the cuBLAS rows: the composition (CPU tensors have no measured choice)."""
+    return [("cublas", None, None)], True
 
 
 def main(argv=None):
@@ -70,6 +87,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     samples: dict[str, list[float]] = {}
+    ops._C.set_python_side(cublas_planner, backends.forward, backends.backward)
     with stubbed_gpu_launches():
         table = rows()
         for _, call in table.values():  # first calls: routing, the launchers' first launch per key
@@ -81,6 +99,7 @@ def main(argv=None):
                 for _ in range(CALLS):
                     call()
                 samples.setdefault(name, []).append((time.perf_counter() - start) / CALLS * 1e6)
+    ops._C.set_python_side(backends.plan, backends.forward, backends.backward)
     median = {name: statistics.median(times) for name, times in samples.items()}
     floor = {"forward": median["F.linear"], "fwd+bwd": median["F.linear fwd+bwd (x needs grad)"]}
     print(f"\nCPU: {platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__}; "
@@ -88,7 +107,9 @@ def main(argv=None):
     print("| call | µs | over F.linear (same pass) |")
     print("|---|---|---|")
     for name, (kind, _) in table.items():
-        extra = "" if name.startswith("F.linear") else f"+{median[name] - floor[kind]:.1f}"
+        extra = "" if name.startswith("F.linear") or kind not in floor else f"+{median[name] - floor[kind]:.1f}"
+        if "executor" in name:
+            extra += f" (executor: +{median[name] - median[name.replace('executor', 'direct')]:.1f} over direct)"
         print(f"| {name} | {median[name]:.1f} | {extra} |")
     if args.json:
         with open(args.json, "w") as f:
