@@ -1,60 +1,77 @@
 #!/usr/bin/env bash
-# The GPU check: build the package, run the test suite on the GPU, then the GPU benchmark. Run from the
-# repository root on a CUDA machine:   bash bench/gpu_check.sh
-# Logs and results go to $OUT (default bench/out): install.log, tests.log, bench.log, bench_gpu.json,
-# bench_gpu.md. The benchmark's table is the last thing printed. If the C++ extension fails to build,
-# the script says so and goes on without it (PYTHONPATH=.: the ops are then defined in Python and the
-# Triton kernels serve CUDA; the cuBLAS composition is not timed). Exit status: non-zero if the build,
-# the tests or the benchmark failed. Budget: well under 6 minutes on one H100/H200.
+# The GPU check, in one call on a CUDA machine (from the repository root):   bash bench/gpu_check.sh
+# Steps, in order, each under its own time limit (seconds; GPU_CHECK_<STEP>_TIMEOUT overrides) so that a slow
+# step cannot starve the rest:
+#   build      the GPU build (pip install -e .), then `python -m dylora_kernels info`            BUILD   240
+#   tests      the GPU-relevant suites, with pytest-xdist when installed (one line per test)      TESTS   180
+#   sanitize   compute-sanitizer memcheck over a small forward/backward of every plan kind        SANITIZE 90
+#   kernels    bench/bench_kernels.py --quick (each kernel's device time, TMA configs)            KERNELS  60
+#   bench      bench/bench_gpu.py --quick, then --int-rank                                        BENCH   150
+#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E      90
+# Logs and results go to $OUT (default bench/out); a digest of every step is printed last. If the extension
+# fails to build, the script goes on without it (PYTHONPATH=.: the ops are defined in Python, Triton serves CUDA).
+# Exit status: non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DYLORA_FUZZ_CASES=${DYLORA_FUZZ_CASES:-20}
-# The GPU-relevant suites (the model/distributed/Trainer/demo tests are CPU-only and run in CI).
-TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py"}
-TESTS_TIMEOUT=${GPU_CHECK_TESTS_TIMEOUT:-150}
-BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-170}
 export DYLORA_DISPATCH_CACHE="$OUT/dispatch_cache"  # a fresh dispatcher cache: the run measures
+TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_executor.py tests/test_lean.py tests/test_info.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py"}
 PY=${PYTHON:-python3}
 t0=$SECONDS
+DIGEST=()
+status=0
 stamp() { echo "[gpu_check +$((SECONDS - t0)) s] $*"; }
+limit() { local name="GPU_CHECK_${1}_TIMEOUT"; echo "${!name:-$2}"; }
+# run STEP LIMIT LOG command...: the command under `timeout`, its output in $OUT/LOG; one digest line.
+run() {
+    local step=$1 seconds=$2 log=$3
+    shift 3
+    stamp "$step (at most $seconds s; log: $OUT/$log)"
+    local start=$SECONDS
+    timeout "$seconds" "$@" >"$OUT/$log" 2>&1
+    local rc=$?
+    local note="exit $rc"
+    [ "$rc" -eq 124 ] && note="TIMED OUT after $seconds s"
+    [ "$rc" -ne 0 ] && status=1 && tail -n 25 "$OUT/$log"
+    DIGEST+=("$step: $note in $((SECONDS - start)) s")
+    return "$rc"
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
 
-stamp "building the C++ extension (pip install -e .)"
-build_rc=0
-if ! "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1; then
-    build_rc=1
-    tail -n 30 "$OUT/install.log"
-    stamp "build FAILED: going on without the C++ extension (Triton only; see $OUT/install.log)"
+if ! run build "$(limit BUILD 240)" install.log "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+    stamp "build FAILED: going on without the C++ extension (Triton only)"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DYLORA_ALLOW_NO_EXTENSION=1
 fi
-"$PY" -c "import dylora_kernels.ops as o; print('C++ extension:', 'built' if o._C is not None else 'MISSING')"
+"$PY" -m dylora_kernels info | tee "$OUT/info.log"
 
-# pytest-xdist, when installed, spreads the Triton compilations over processes.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stamp "tests, at most $TESTS_TIMEOUT s (log: $OUT/tests.log, one line per test)"
 # -v: a line per finished test, so a run cut by the timeout still shows what passed and failed.
-timeout "$TESTS_TIMEOUT" "$PY" -m pytest -v -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} $TESTS >"$OUT/tests.log" 2>&1
-tests_rc=$?
-[ "$tests_rc" -eq 124 ] && echo "tests TIMED OUT after $TESTS_TIMEOUT s; per-test results so far:"
-echo "passed $(grep -c ' PASSED' "$OUT/tests.log"), failed $(grep -c ' FAILED' "$OUT/tests.log"), errors $(grep -c ' ERROR' "$OUT/tests.log"), skipped $(grep -c ' SKIPPED' "$OUT/tests.log")"
+run tests "$(limit TESTS 180)" tests.log "$PY" -m pytest -v -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} $TESTS
+DIGEST+=("  tests: passed $(grep -c ' PASSED' "$OUT/tests.log"), failed $(grep -c ' FAILED' "$OUT/tests.log"), errors $(grep -c ' ERROR' "$OUT/tests.log"), skipped $(grep -c ' SKIPPED' "$OUT/tests.log")")
 grep -E " (FAILED|ERROR)" "$OUT/tests.log" | grep "::" | head -n 25
 grep -E "^E  " "$OUT/tests.log" | sort | uniq -c | sort -rn | head -n 12
-stamp "tests exit status $tests_rc"
 
-stamp "benchmark (log: $OUT/bench.log)"
-timeout "$BENCH_TIMEOUT" "$PY" bench/bench_gpu.py --quick --out "$OUT" >"$OUT/bench.log" 2>&1
-bench_rc=$?
-stamp "benchmark exit status $bench_rc; tests exit status $tests_rc; build exit status $build_rc"
-if [ "$bench_rc" -ne 0 ]; then
-    tail -n 40 "$OUT/bench.log"
-    exit "$bench_rc"
+if command -v compute-sanitizer >/dev/null; then
+    run sanitize "$(limit SANITIZE 90)" sanitize.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+        "$PY" bench/sanitize.py
+    grep -E "ERROR SUMMARY|FAILED" "$OUT/sanitize.log" | head -n 5
+else
+    DIGEST+=("sanitize: no compute-sanitizer on PATH")
 fi
+run kernels "$(limit KERNELS 60)" kernels.log "$PY" bench/bench_kernels.py --quick
+run bench "$(limit BENCH 150)" bench.log bash -c "'$PY' bench/bench_gpu.py --quick --out '$OUT' && '$PY' bench/bench_gpu.py --quick --int-rank --out '$OUT/int_rank'"
+if [ -f bench/bench_e2e.py ]; then
+    run e2e "$(limit E2E 90)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT/e2e"
+fi
+
 echo
-cat "$OUT/bench_gpu.md"
-[ "$tests_rc" -ne 0 ] && exit "$tests_rc"
-exit "$build_rc"
+[ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+echo
+stamp "digest"
+printf '  %s\n' "${DIGEST[@]}"
+exit "$status"
