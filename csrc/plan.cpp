@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -249,9 +250,9 @@ bool capturing(const Tensor& x) {
 Tensor rank_on(const Tensor& rank, const Tensor& x) {
   if (rank.device() == x.device()) return rank;
   static std::mutex mutex;
-  static auto* cache = new std::unordered_map<int64_t, Tensor>();
+  static auto* cache = new std::map<std::pair<int64_t, c10::DeviceIndex>, Tensor>();
   const int64_t value = rank.item<int64_t>();  // a 0-d CPU tensor: a host read, no sync
-  const int64_t key = value * 64 + x.device().index() + 1;
+  const auto key = std::make_pair(value, x.device().index());
   const std::lock_guard<std::mutex> lock(mutex);
   auto found = cache->find(key);
   if (found != cache->end()) return found->second;
