@@ -73,17 +73,6 @@ const PythonSide& python() {
   return *python_side();
 }
 
-bool python_path_forced() {
-  static const bool forced = [] {
-    const char* value = std::getenv("DYLORA_CUDA_PATH");
-    if (value == nullptr || !*value || std::strcmp(value, "cpp") == 0) return false;
-    TORCH_CHECK_VALUE(std::strcmp(value, "python") == 0, "DYLORA_CUDA_PATH must be 'cpp' (default) or 'python', got '",
-                      value, "'");
-    return true;
-  }();
-  return forced;
-}
-
 py::object opt(const optional<Tensor>& t) { return t.has_value() ? py::cast(*t) : py::none(); }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,6 +333,18 @@ BackwardResult execute_backward(const Tensor& grad, const Tensor& x, const optio
 // ---------------------------------------------------------------------------------------------
 // The kernels registered for CUDA tensors (GPU build)
 // ---------------------------------------------------------------------------------------------
+#ifdef WITH_CUDA
+bool python_path_forced() {
+  static const bool forced = [] {
+    const char* value = std::getenv("DYLORA_CUDA_PATH");
+    if (value == nullptr || !*value || std::strcmp(value, "cpp") == 0) return false;
+    TORCH_CHECK_VALUE(std::strcmp(value, "python") == 0, "DYLORA_CUDA_PATH must be 'cpp' (default) or 'python', got '",
+                      value, "'");
+    return true;
+  }();
+  return forced;
+}
+
 ForwardResult forward_python(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                              const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
                              const Tensor& rank, double alpha, bool need_u, c10::string_view backend) {
@@ -384,6 +385,8 @@ BackwardResult backward_cuda(const Tensor& grad, const Tensor& x, const optional
   return execute_backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
                           backend);
 }
+
+#endif  // WITH_CUDA
 
 }  // namespace
 
