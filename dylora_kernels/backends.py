@@ -13,8 +13,17 @@ and for the backward also the pairs "<dx>/<lora>" (dx from one, dA and dB from a
 backend restricts the choice to itself (``"triton"``: to the Triton variants). The key is everything that
 changes which one is fastest and nothing that changes per call: the op, device, dtypes, which optional
 operands are present, per-row vs shared rank, where the rank lives, the mode, M rounded up to a power of
-two, N, K, r_max, whether the GEMM's operands suit TMA and whether the others' rows are contiguous. After
-the first call for a key the cost of choosing is one dictionary lookup.
+two, N, K, r_max, whether the GEMM's operands suit TMA and whether the others' rows are contiguous, and two
+settings of torch's that change the result (each a small function here, so that a C++ plan key can include the
+same): ``matmul_precision_key()`` (how fp32 dots run) and ``deterministic()``. After the first call for a key the
+cost of choosing is one dictionary lookup.
+
+Reliability rules of the first call per key (``_first_call``):
+- it never happens inside CUDA-graph capture: a key first seen there raises ``CaptureError`` (warm up eagerly);
+- a candidate that fails to compile or launch (out of shared memory or registers, a ptxas or compilation error,
+  a launch error) is dropped with one warning and the next one is used, in the measurement and in the call;
+- under ``deterministic()`` nothing is timed: a fixed candidate per key (``_fixed_choice``), Triton with fixed
+  configs.
 """
 from __future__ import annotations
 
@@ -22,12 +31,13 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .dispatch import DISPATCHER, forced_family, in_family
+from .dispatch import DISPATCHER, CandidateFailed, forced_family, in_family
 
 try:  # the ATen composition; absent when the C++ extension did not build (then Triton only)
     from . import _C
@@ -51,8 +61,39 @@ def _triton():
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # found without importing it
 
 
+# Triton kernels run on sm_80+ (bf16 dots, cp.async pipelining; compiled and checked for sm_80/86/89/90a).
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def triton_available(device: torch.device) -> bool:
-    return _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+    if device.type == "cuda":
+        return _TRITON_INSTALLED and _capability(device) >= TRITON_MIN_CAPABILITY
+    return _TRITON_INSTALLED and device.type == "cpu" and _interpreting()
+
+
+def matmul_precision_key() -> str:
+    """How fp32 dots may run, following torch's setting (what cuBLAS follows too): "tf32" when torch allows TF32
+    for CUDA matmuls (``torch.set_float32_matmul_precision("high" | "medium")``, ``allow_tf32 = True`` or
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``), else "ieee" (the default, "highest"). The Triton
+    kernels compile their fp32 dots with it (``input_precision``). Part of the dispatch key."""
+    if _FP32_PRECISION is not None:  # torch >= 2.9: reads the legacy and the new API alike, without warnings
+        return "tf32" if _FP32_PRECISION("cuda", "matmul") == "tf32" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
+DETERMINISTIC_ENV = "DYLORA_DETERMINISTIC"
+
+
+def deterministic() -> bool:
+    """Whether results must be bit-identical across runs and processes: ``torch.use_deterministic_algorithms(True)``
+    or DYLORA_DETERMINISTIC=1. Then nothing is chosen by timing (see ``_fixed_choice``). Part of the dispatch key."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get(DETERMINISTIC_ENV) == "1"
 
 
 @functools.cache
@@ -60,7 +101,30 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+class CaptureError(RuntimeError):
+    """What the first call for a key would need (measurement, compilation, a host→device copy) cannot run inside
+    CUDA-graph capture."""
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 _DEVICE_RANKS: dict[tuple[int, torch.device], Tensor] = {}
+_RANK_TABLES: dict[torch.device, int] = {}  # device -> the largest rank prepared there
+
+
+def prepare_device_ranks(device: torch.device, r_max: int) -> None:
+    """Every rank 0..r_max as a cached 0-d tensor on ``device``, made in one go outside any capture from a device-side
+    arange (no host→device copy), 16 bytes apart (the alignment a fresh tensor has, so Triton specialises alike): a
+    CUDA graph captured later with any host rank ≤ r_max finds its tensor here."""
+    if _RANK_TABLES.get(device, -1) >= r_max:
+        return
+    table = torch.zeros(r_max + 1, 2, dtype=torch.int64, device=device)
+    table[:, 0] = torch.arange(r_max + 1, device=device)
+    for b in range(r_max + 1):
+        _DEVICE_RANKS.setdefault((b, device), table[b, 0])
+    _RANK_TABLES[device] = r_max
 
 
 def _rank_on(rank: Tensor, device: torch.device) -> Tensor:
@@ -71,6 +135,10 @@ def _rank_on(rank: Tensor, device: torch.device) -> Tensor:
     key = (int(rank), device)
     cached = _DEVICE_RANKS.get(key)
     if cached is None:
+        if _capturing(device):
+            raise CaptureError(f"dylora: host rank {key[0]} has no device copy yet and a CUDA graph is being captured "
+                               "(a host→device copy cannot be captured): call the layer once eagerly with this rank "
+                               "(or with a rank tensor on the device) before capturing")
         cached = _DEVICE_RANKS[key] = rank.to(device, torch.int64)
     return cached
 
@@ -93,20 +161,24 @@ def _rows(t: Tensor | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Candidates
 # ---------------------------------------------------------------------------------------------
-def _triton_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant):
+def _triton_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant, precision=None,
+                    tuned=True):
     return _triton().forward(x, weight, bias, base, lora_A, lora_B, _rank_on(rank, x.device), alpha, need_u,
-                             variant=variant)
+                             variant=variant, precision=precision, tuned=tuned)
 
 
 def _triton_backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-                     variant):
+                     variant, precision=None, tuned=True):
     return _triton().backward(grad, x, weight, lora_A, lora_B, u, _rank_on(rank, x.device), alpha, frozen_prefix,
-                              compute_dx, compute_lora, variant=variant)
+                              compute_dx, compute_lora, variant=variant, precision=precision, tuned=tuned)
 
 
-def _implementations(op: str, x: Tensor, weight, lora_A, lora_B, backend: str) -> dict[str, Callable]:
+def _implementations(op: str, x: Tensor, weight, lora_A, lora_B, backend: str, precision: str | None = None,
+                     fixed: bool = False) -> dict[str, Callable]:
     """name -> kernel for ``op`` ("forward" / "backward") on these operands, restricted by ``backend``
-    (or, for "auto", by DYLORA_DISPATCH). The cuBLAS composition comes first (the capture default)."""
+    (or, for "auto", by DYLORA_DISPATCH). The cuBLAS composition comes first (the capture default). The Triton
+    kernels get ``precision`` (``matmul_precision_key()``, None: no fp32 operand) for their fp32 dots, and fixed configs when ``fixed``
+    (``deterministic()``)."""
     family = forced_family() if backend == "auto" else backend
     found: dict[str, Callable] = {}
     if x.is_cuda and _C is not None and in_family("cublas", family):
@@ -116,9 +188,9 @@ def _implementations(op: str, x: Tensor, weight, lora_A, lora_B, backend: str) -
         for variant in _triton().variants(op, x, weight, lora_A, lora_B):
             name = "triton" if variant == "pointer" else f"triton-{variant}"
             if name == family or (in_family(name, family) and (x.is_cuda or variant == "pointer")):
-                found[name] = functools.partial(kernel, variant=variant)
-        if op == "backward" and family.startswith("triton-") and not found:
-            found["triton"] = functools.partial(kernel, variant="pointer")  # e.g. "triton-decode": forward only
+                found[name] = functools.partial(kernel, variant=variant, precision=precision, tuned=not fixed)
+        if op == "backward" and family.startswith("triton-") and not found:  # e.g. "triton-decode": forward only
+            found["triton"] = functools.partial(kernel, variant="pointer", precision=precision, tuned=not fixed)
     if not found:
         raise ValueError(f"backend={backend!r} (DYLORA_DISPATCH={forced_family()!r}) has no {op} kernel for "
                          f"{x.dtype} tensors of shape {tuple(x.shape)} on {x.device} here (is the C++ extension "
@@ -152,28 +224,99 @@ def _pair(dx_kernel, lora_kernel, grad, x, weight, lora_A, lora_B, u, rank, alph
 _CHOSEN: dict[tuple, Callable] = {}
 
 
-def _choose(key: tuple, candidates: dict[str, Callable], args: tuple, device: torch.device) -> Callable:
-    if len(candidates) > 1 and device.type == "cuda":
-        portable = tuple(k for k in key if not isinstance(k, torch.device))  # the GPU's name stands for it
-        runs = {name: functools.partial(kernel, *args) for name, kernel in candidates.items()}
-        name = DISPATCHER.choose(_device_name(device), portable, runs)
-    else:
-        name = next(iter(candidates))  # one candidate, or the interpreter: nothing worth timing
-    kernel = _CHOSEN[key] = candidates[name]
-    return kernel
+@functools.cache
+def _candidate_failures() -> tuple[type[BaseException], ...]:
+    """What rules a candidate out when it raises it: triton's compile and resource errors, and RuntimeError (a
+    launch error; OutOfMemoryError excepted, which no other candidate would avoid)."""
+    found: list[type[BaseException]] = [RuntimeError]
+    if _TRITON_INSTALLED:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources, PTXASError
+        found += [CompilationError, OutOfResources, PTXASError]
+    return tuple(found)
+
+
+def _guarded(name: str, kernel: Callable) -> Callable:
+    """``kernel``, raising CandidateFailed (after one warning) where it fails to compile or launch."""
+    def run(*args):
+        try:
+            return kernel(*args)
+        except (torch.OutOfMemoryError, CaptureError):
+            raise
+        except _candidate_failures() as e:
+            warnings.warn(f"dylora: the {name!r} kernel failed ({type(e).__name__}: {str(e)[:300]}); it is dropped "
+                          "for this shape and the next candidate is used", RuntimeWarning, stacklevel=2)
+            raise CandidateFailed(name) from e
+    return run
+
+
+def _fixed_choice(candidates: dict[str, Callable]) -> str:
+    """The candidate used under ``deterministic()``, whatever is faster: the cuBLAS composition where it runs, else
+    the pointer Triton kernels ("triton"), else the first one offered."""
+    for name in ("cublas", "triton"):
+        if name in candidates:
+            return name
+    return next(iter(candidates))
+
+
+def _first_call(key: tuple, kernels: dict[str, Callable], args: tuple, x: Tensor, rank: Tensor, r_max: int,
+                fixed: bool):
+    """Choose the kernel for a key seen for the first time (measured on CUDA when several can run, ``_fixed_choice``
+    when ``fixed``, the first candidate otherwise), run it and remember it. A candidate that fails is dropped (one
+    warning) and the choice is made again among the others. Never inside CUDA-graph capture."""
+    device = x.device
+    if _capturing(device):
+        raise CaptureError(f"dylora: the first {key[0]} call for this shape and layout ({x.dtype} x of shape "
+                           f"{tuple(x.shape)}, r_max {r_max}, backend {key[1]!r}) happens during CUDA-graph capture, "
+                           "where its kernel cannot be chosen (measured, compiled, autotuned). Run the same step "
+                           "once eagerly (a warm-up) before capturing.")
+    if rank.dim() == 0 and rank.is_cpu and device.type == "cuda":
+        prepare_device_ranks(device, r_max)  # every host rank's device copy, made outside any capture
+    candidates = {name: _guarded(name, kernel) for name, kernel in kernels.items()}
+    while True:
+        if fixed:
+            name = _fixed_choice(candidates)
+        elif len(candidates) > 1 and device.type == "cuda":
+            portable = tuple(k for k in key if not isinstance(k, torch.device))  # the GPU's name stands for it
+            name = DISPATCHER.choose(_device_name(device), portable,
+                                     {n: functools.partial(run, *args) for n, run in candidates.items()})
+            times = DISPATCHER.timings.get((_device_name(device), *portable), {})
+            for failed in [n for n, t in times.items() if t == float("inf") and n != name]:
+                del candidates[failed]  # failed while measured (it warned)
+        else:
+            name = next(iter(candidates))  # one candidate, or the interpreter: nothing worth timing
+        try:
+            out = candidates[name](*args)
+        except CandidateFailed:
+            del candidates[name]
+            if not candidates:
+                raise CandidateFailed(f"dylora: no {key[0]} kernel could run for {x.dtype} x of shape "
+                                      f"{tuple(x.shape)} on {device} (each failure was warned above)") from None
+            continue
+        _CHOSEN[key] = kernels[name]
+        return out
+
+
+def _key_settings(x: Tensor, lora_A: Tensor) -> tuple[str | None, bool]:
+    """(precision, deterministic) of a call: the settings of torch's that are part of the key (precision only
+    matters, and is only read, when an operand is fp32)."""
+    fp32 = x.dtype == torch.float32 or lora_A.dtype == torch.float32
+    return (matmul_precision_key() if fp32 else None), deterministic()
 
 
 def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend):
     """(y, u) for dylora::forward on CUDA tensors (or CPU tensors in the Triton interpreter)."""
     M, K = x.shape
     N, R = lora_B.shape
+    precision, fixed = _key_settings(x, lora_A)
     key = ("forward", backend, x.device, x.dtype, lora_A.dtype, weight is None, bias is None, base is None,
            rank.dim(), rank.is_cpu, _bucket(M), N, K, R, tma_ready(x), tma_ready(weight), _rows(base),
-           _rows(lora_A), _rows(lora_B))
+           _rows(lora_A), _rows(lora_B), precision, fixed)
     kernel = _CHOSEN.get(key)
     args = (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
     if kernel is None:
-        kernel = _choose(key, _implementations("forward", x, weight, lora_A, lora_B, backend), args, x.device)
+        candidates = _implementations("forward", x, weight, lora_A, lora_B, backend, precision, fixed)
+        return _first_call(key, candidates, args, x, rank, R, fixed)
     return kernel(*args)
 
 
@@ -181,14 +324,15 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
     """(dx, dA, dB) for dylora::backward on CUDA tensors (or CPU tensors in the Triton interpreter)."""
     M, K = x.shape
     N, R = lora_B.shape
+    precision, fixed = _key_settings(x, lora_A)
     key = ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.is_cpu,
            frozen_prefix, compute_dx, compute_lora, _bucket(M), N, K, R, tma_ready(grad), tma_ready(weight),
-           _rows(x), _rows(lora_A), _rows(lora_B))
+           _rows(x), _rows(lora_A), _rows(lora_B), precision, fixed)
     kernel = _CHOSEN.get(key)
     args = (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora)
     if kernel is None:
-        candidates = _implementations("backward", x, weight, lora_A, lora_B, backend)
-        if compute_dx and compute_lora:
+        candidates = _implementations("backward", x, weight, lora_A, lora_B, backend, precision, fixed)
+        if compute_dx and compute_lora and not fixed:
             candidates = _pairs(candidates)
-        kernel = _choose(key, candidates, args, x.device)
+        return _first_call(key, candidates, args, x, rank, R, fixed)
     return kernel(*args)

@@ -30,6 +30,10 @@ DISPATCH_ENV = "DYLORA_DISPATCH"
 FAMILIES = ("auto", "triton", "cublas")
 
 
+class CandidateFailed(RuntimeError):
+    """A candidate failed to compile or launch (backends.py drops it, with a warning, and uses the next one)."""
+
+
 def forced_family() -> str:
     """The family DYLORA_DISPATCH restricts automatic choices to ("auto": no restriction)."""
     family = os.environ.get(DISPATCH_ENV, "auto") or "auto"
@@ -158,4 +162,4 @@ class Dispatcher:
             pass  # a read-only home: the choice stays in memory
 
 
-DISPATCHER = Dispatcher()
+DISPATCHER = Dispatcher(skip=(CandidateFailed,))

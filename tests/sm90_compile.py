@@ -112,7 +112,7 @@ KERNELS = {
 }
 
 
-def compile_one(tuner, pointers, fixed, config, dtype):
+def compile_one(tuner, pointers, fixed, config, dtype, target=H100, options=None):
     """The compiled kernel for one config, specialised like a launch on aligned, 16-divisible operands."""
     fn = tuner.fn if isinstance(tuner, Autotuner) else tuner
     D, Da = DTYPES[dtype]
@@ -138,8 +138,8 @@ def compile_one(tuner, pointers, fixed, config, dtype):
             signature[name] = {"x": f"*{D}", "a": f"*{Da}"}.get(kind, kind)
             if name not in not_specialised and signature[name] != "fp32":
                 attrs[(i,)] = BaseBackend.parse_attr("D")  # 16-byte aligned pointer / int divisible by 16
-    return triton_compile(ASTSource(fn, signature, constants, attrs), target=H100,
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return triton_compile(ASTSource(fn, signature, constants, attrs), target=target,
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages, **(options or {})))
 
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:
@@ -242,8 +242,76 @@ def every_flag_combination():
                 yield name, layout, {**layout_fixed, **flags, **nones}
 
 
-def main() -> int:
+# Index products that can reach 2^31 (M·N, M·K, N·K, partial buffers): the stride parameters whose products must be
+# computed in 64 bits, per kernel and layout (that layout's unit strides, minus these: a runtime i32 stride, as the
+# JIT passes one below 2^31; the heaviest flags). E.g. a column-major base (stride_basen = M) at n ≥ 2^31 / M.
+WIDE_INDEX = {
+    "fused": ("y", ("stride_basen",)),                 # base (M, N) column-major: n·M
+    "tma": ("y", ("stride_basen",)),                   # the same epilogue
+    "decode": ("y", ("stride_wk", "stride_basen")),    # W (N, K) column-major: k·N
+    "shrink": ("v", ("stride_fp",)),                   # fold partials (M/16, N): row block·N
+    "grad": ("dA/dB", ("stride_qk", "stride_ws")),     # Q (M, K) column-major: k·M; partials: split·R·K
+    "gemv": ("dA", ("stride_qk", "stride_ws")),
+    "finish": ("dA", ("stride_ws",)),
+}
+NARROW = re.compile(r"^\s*(?:mul|mad|mul24|mad24|add|sub|shl)\.(?:lo\.|hi\.)?[sub]32\b")  # 32-bit index arithmetic
+
+
+def narrow_index_problems(ttir: str, ptx: str, params) -> list[str]:
+    """Which of the kernel parameters ``params`` take part in 32-bit integer arithmetic in the PTX (a multiply, or
+    the add of a strength-reduced one) instead of being widened first. The PTX parameter of a TTIR argument has its
+    index (descriptors included); the register it is loaded into must be 64-bit (``ld.param.s32 %rd``) or be
+    sign-extended (``cvt.s64.s32``) and never be an operand of 32-bit arithmetic."""
+    head = next(line for line in ttir.splitlines() if "tt.func public" in line)
+    names = re.findall(r"%([A-Za-z_]\w*): ", head)
+    entry = re.search(r"\.entry (\w+)\(", ptx).group(1)
+    problems = []
+    for param in params:
+        load = re.search(rf"ld\.param\.\w+\s+(%\w+), \[{entry}_param_{names.index(param)}\];", ptx)
+        if load is None:
+            problems.append(f"{param}: not loaded (specialised away?)")
+            continue
+        reg = load.group(1)
+        uses = [line.strip() for line in ptx.splitlines()
+                if re.search(re.escape(reg) + r"\b", line) and "ld.param" not in line]
+        narrow = [line for line in uses if NARROW.search(line)]
+        widened = reg.startswith("%rd") or any(re.match(r"cvt\.[su]64\.[su]32|(?:mul|mad)\.wide\.[su]32", line)
+                                               for line in uses)
+        if narrow:
+            problems.append(f"{param}: 32-bit index arithmetic: {narrow[0]}")
+        elif not widened:
+            problems.append(f"{param}: never widened to 64 bits")
+    return problems
+
+
+def index_width_jobs():
+    """(kernel name, constexprs, parameters) of each compilation the 64-bit index check needs."""
+    for name, (layout, params) in WIDE_INDEX.items():
+        _, _, _, layouts, flag_sets, _ = KERNELS[name]
+        fixed = {k: v for k, v in {**flag_sets[1], **layouts[layout]}.items() if k not in params}
+        variants = [{**fixed, "ONE_SLOT": v} for v in (False, True)] if "ONE_SLOT" in fixed else [fixed]
+        for flags in variants:
+            yield name, flags, params
+
+
+def check_index_width() -> int:
+    """Compile each kernel of WIDE_INDEX (first large config, bf16) and check its index products are 64-bit."""
     failures = 0
+    for name, fixed, params in index_width_jobs():
+        tuner, configs, pointers, _, _, _ = KERNELS[name]
+        compiled = compile_one(tuner, pointers, fixed, configs[1], "bf16")
+        problems = narrow_index_problems(compiled.asm["ttir"], compiled.asm["ptx"], params)
+        failures += bool(problems)
+        flags = ",".join(k for k, v in fixed.items() if v is True) or "-"
+        print(f"{name:6} [{flags}] 64-bit index products of {', '.join(params)}"
+              + ("".join(f"  FAIL: {p}" for p in problems) or ": ok"), flush=True)
+    return failures
+
+
+def main() -> int:
+    failures = check_index_width()
+    if "--index-width" in sys.argv:
+        return 1 if failures else 0
     seen = set()
     for name, layout, fixed in every_flag_combination():
         tuner, configs, pointers, _, _, _ = KERNELS[name]

@@ -158,10 +158,11 @@ def _config_name(c: triton.Config) -> str:
             f"w{c.num_warps} s{c.num_stages}" + (" flat" if k["FLATTEN"] else ""))
 
 
-def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
+def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out, tuned=True) -> torch.Tensor:
     """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + x·Wᵀ + [bias] + [base] for x (M, K) and the weight ``w`` as
     stored: (N, K) (the forward), or (K, N) with ``w_kn`` (the backward's Wᵀ, read without a copy); u (M, R) fp32,
-    z (N, R), out (M, N) contiguous. Callers check ``applies`` first."""
+    z (N, R), out (M, N) contiguous. Callers check ``applies`` first. ``tuned=False``: the first config that
+    ``_prune`` keeps, nothing timed (deterministic results)."""
     M, K = x.shape
     N, R = z.shape
     sms = num_sms(x.device)
@@ -169,7 +170,7 @@ def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor
     flags = dict(Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None, PER_ROW=rank.dim() == 1,
                  BLOCK_R=block_r, NUM_SMS=sms, R_BLOCKS=cdiv(R, block_r))
     key = (bucket(M), bucket(N), bucket(K), x.dtype, z.dtype, rank.dtype, *flags.values())
-    config = _CHOSEN.get(key)
+    config = _CHOSEN.get(key) if tuned else _prune(CONFIGS, dict(M_BUCKET=key[0], N_BUCKET=key[1], K_BUCKET=key[2]))[0]
     if config is None:
         config = _choose_config(key, x, w, bias, base, u, z, rank, alpha, out, flags)
     return _run(config, x, w, bias, base, u, z, rank, alpha, out, flags)

@@ -117,6 +117,51 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs[1:] if c.kwargs.get("BLOCK_M") != 16]
 
 
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one block may use on ``device`` (opt-in maximum: 99 KiB on sm_86/89, 163 KiB on sm_80,
+    227 KiB on sm_90); None (no limit) off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def shared_memory(kernel: str, config, in_bytes: int, adapter_bytes: int, r_max: int) -> int:
+    """Bytes of shared memory ``kernel`` takes with ``config``, from its pipelined tiles: (num_stages - 1) buffers of
+    the main loop's operand tiles, plus the layout-conversion scratch the compiler adds beside them. Matches the
+    compiled kernels for sm_80/86/89 at the 99/163/227 KiB limits (tests/sm90_compile.py --arch checks it)."""
+    k, buffers = config.kwargs, max(config.num_stages - 1, 1)
+    BM, BK, BN = k.get("BLOCK_M", DECODE_MAX_M), k["BLOCK_K"], k.get("BLOCK_N", 0)
+    if kernel == "fused":  # x and y tiles; fp32 adapters beside 16-bit inputs: the seed's u tile stays apart
+        extra = BM * seed_block_r(r_max) * 4 if adapter_bytes > in_bytes else 0
+        return buffers * (BM * BK + BK * BN) * in_bytes + extra
+    if kernel == "decode":  # x, w and A tiles
+        return buffers * ((BM * BK + BK * BN) * in_bytes + BK * next_power_of_2(max(16, r_max)) * adapter_bytes)
+    if kernel == "shrink":  # x and y tiles
+        return buffers * (BM * BK * in_bytes + BK * block_r(r_max) * adapter_bytes)
+    if kernel == "grad":  # fp32 P and Q tiles, and P's transpose in Q's dtype
+        return buffers * (BM * BK * in_bytes + BM * block_r(r_max) * 4) + BM * block_r(r_max) * in_bytes
+    return 0  # gemv, finish: a few KiB
+
+
+# Per kernel: (the operand whose dtype is the input's, the adapter-side operand) among its pointer arguments.
+_SHARED_MEMORY_OPERANDS = {"fused": ("x_ptr", "z_ptr"), "decode": ("x_ptr", "a_ptr"), "shrink": ("x_ptr", "y_ptr"),
+                           "grad": ("q_ptr", "p_ptr"), "gemv": ("q_ptr", "p_ptr")}
+
+
+def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
+    """``_prune``, then only the configs whose shared memory fits the device (``shared_memory`` against
+    ``shared_memory_limit``: checked before a config is compiled or tried; the small config when none fits). With
+    ``fixed`` (deterministic results) only the first of them: no timing decides."""
+    kept = _prune(configs, named_args, **kwargs)
+    main, side = (named_args[name] for name in _SHARED_MEMORY_OPERANDS[kernel])
+    limit = shared_memory_limit(main.device)
+    if limit is not None:
+        sizes = (main.element_size(), side.element_size(), named_args["R"])
+        kept = [c for c in kept if shared_memory(kernel, c, *sizes) <= limit] or configs[:1]
+    return kept[:1] if fixed else kept
+
+
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20
 
 
@@ -130,13 +175,14 @@ def autotune_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
-def _autotune(kernel: str, *flags: str):
+def _autotune(kernel: str, *flags: str, fixed: bool = False):
     """The autotuner of one kernel: keyed on the shape buckets, the operand layout code and the constexpr
     ``flags`` that change the best config (mode, per-row ranks, bias/base, ...), never on a rank value. The
-    autotuner adds every tensor argument's dtype to the key itself. Timings persist on disk."""
+    autotuner adds every tensor argument's dtype to the key itself. Timings persist on disk. ``fixed``: one config
+    per key, the first that fits (``_prune_for``), nothing timed (deterministic results)."""
     return triton.autotune(configs=_configs(kernel), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", *flags],
-                           prune_configs_by={"early_config_prune": _prune}, cache_results=True,
-                           do_bench=autotune_bench)
+                           prune_configs_by={"early_config_prune": functools.partial(_prune_for, kernel, fixed)},
+                           cache_results=not fixed, do_bench=autotune_bench)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -309,7 +355,8 @@ def _epilogue(acc, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias, s
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BASE:
-        acc += tl.load(base_ptr + offs_m[:, None].to(tl.int64) * stride_basem + offs_n[None, :] * stride_basen,
+        acc += tl.load(base_ptr + offs_m[:, None].to(tl.int64) * stride_basem
+                       + offs_n[None, :].to(tl.int64) * stride_basen,
                        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
     return tl.where(bad[:, None], float("nan"), acc)
 
@@ -394,7 +441,7 @@ def _shrink_kernel(
         acc = _dot(x, y, acc)
         if FOLD:
             part = tl.sum(w[:, None] * x.to(tl.float32), axis=0)
-            tl.store(fold_ptr + pid_m * stride_fp + (k0 + offs_k).to(tl.int64) * stride_fk, part,
+            tl.store(fold_ptr + pid_m.to(tl.int64) * stride_fp + (k0 + offs_k).to(tl.int64) * stride_fk, part,
                      mask=k_in & fold_here)
         x_ptrs += BLOCK_K * stride_xk
 
@@ -476,7 +523,7 @@ def _decode_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
         if HAS_W:
-            w = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
+            w = tl.load(w_ptr + k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
                         mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
             acc = _dot(x, w, acc)
         a = tl.load(a_ptr + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
@@ -537,13 +584,13 @@ def _lora_grad_kernel(
         rows = offs_m[:, None] < m_stop
         p = tl.load(p_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_r[None, :] * stride_pr,
                     mask=rows & (offs_r[None, :] < R), other=0.0)
-        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qk,
+        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :].to(tl.int64) * stride_qk,
                     mask=rows & (offs_k[None, :] < K), other=0.0)
         b, bad = _row_ranks(rank_ptr, offs_m, m_stop, R, PER_ROW)
         p = tl.where(bad[:, None], float("nan"), _scale_slots(p, offs_r, b, ONE_HOT))
         acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc)
 
-    part_ptrs = part_ptr + pid_s * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
+    part_ptrs = part_ptr + pid_s.to(tl.int64) * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
     tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
 
@@ -571,7 +618,7 @@ def _frozen_gemv_kernel(
     # No dot, so no software pipelining by the compiler: the next row block is loaded one iteration ahead by hand.
     offs_m = m_start + tl.arange(0, BLOCK_M)
     w_ptrs = p_ptr + offs_m.to(tl.int64) * stride_pm + (b - 1) * stride_pr
-    q_ptrs = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qk
+    q_ptrs = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :].to(tl.int64) * stride_qk
     rows = offs_m < m_stop
     w_next = tl.load(w_ptrs, mask=rows, other=0.0)
     q_next = tl.load(q_ptrs, mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -585,7 +632,7 @@ def _frozen_gemv_kernel(
         q_next = tl.load(q_ptrs, mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
         acc += w[:, None] * q.to(tl.float32)
     part = tl.sum(acc, axis=0) / tl.maximum(b, 1).to(tl.float32)
-    tl.store(part_ptr + pid_s * stride_ws + offs_k * stride_wk, part, mask=offs_k < K)
+    tl.store(part_ptr + pid_s.to(tl.int64) * stride_ws + offs_k * stride_wk, part, mask=offs_k < K)
 
 
 @_jit
@@ -610,16 +657,19 @@ def _finish_kernel(
         first = tl.program_id(0) * BLOCK_R
         s_end = tl.where((first <= b - 1) & (b - 1 < first + BLOCK_R), n_parts, 0)  # other blocks read nothing
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for s in range(0, s_end):
-            acc += tl.load(part_ptr + s * stride_ws + offs_k * stride_wk, mask=offs_k < K, other=0.0)
+        part_ptrs = part_ptr + offs_k * stride_wk
+        for s in range(0, s_end):  # the pointer steps over the splits: 64-bit (S·R·K may exceed 2^31)
+            acc += tl.load(part_ptrs, mask=offs_k < K, other=0.0)
+            part_ptrs += stride_ws
         out = tl.where(offs_r[:, None] == b - 1, alpha * acc[None, :], 0.0)
         out = tl.where(bad, float("nan"), out)
     else:
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-        for s in range(0, n_parts):
-            acc += tl.load(part_ptr + s * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
-                           mask=mask, other=0.0)
+        part_ptrs = part_ptr + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
+        for s in range(0, n_parts):  # as above
+            acc += tl.load(part_ptrs, mask=mask, other=0.0)
+            part_ptrs += stride_ws
         out = alpha * acc
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_k[None, :].to(tl.int64) * stride_ok
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
@@ -629,16 +679,29 @@ def _finish_kernel(
 # Launchers: one per kernel, taking 2-D views (any strides) and writing into the given outputs
 # --------------------------------------------------------------------------------------------
 # After the first call per key, each kernel launches straight through its compiled binary (launch.py).
-_launch = {name: Launcher(kernel) for name, kernel in (
-    ("shrink", _shrink_kernel), ("fused", _fused_linear_kernel), ("decode", _decode_kernel),
-    ("finish", _finish_kernel), ("grad", _lora_grad_kernel), ("gemv", _frozen_gemv_kernel))}
+_KERNELS = (("shrink", _shrink_kernel), ("fused", _fused_linear_kernel), ("decode", _decode_kernel),
+            ("finish", _finish_kernel), ("grad", _lora_grad_kernel), ("gemv", _frozen_gemv_kernel))
+_launch = {name: Launcher(kernel) for name, kernel in _KERNELS}
+# The same kernels with fixed configs (``tuned=False``: deterministic results), through their own autotuners.
+_launch_fixed = {name: Launcher(_autotune(name, *kernel.keys[4:], fixed=True)(kernel.fn) if name != "finish"
+                                else kernel) for name, kernel in _KERNELS}
+
+
+def _launcher(name: str, tuned: bool) -> Launcher:
+    return (_launch if tuned else _launch_fixed)[name]
+
+
+def _options(constexprs: dict, precision: str | None) -> dict:
+    """The launch's constexprs, plus how fp32 dots run ("ieee" / "tf32": triton's default_dot_input_precision,
+    a compile option; None leaves triton's default, tf32)."""
+    return constexprs if precision is None else {**constexprs, "default_dot_input_precision": precision}
 
 
 def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
     return (0,) * dims if t is None else tuple(t.stride())
 
 
-def shrink(x, y, rank, out, fold_u=None, fold=None) -> int:
+def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True) -> int:
     """out (M, R) fp32 = (x·yᵀ) ⊙ [j < b_m] for x (M, K), y (R, K). With ``fold_u`` (one shared rank) also
     fold[p, k] = Σ_{m in row block p} (fold_u[m, b-1]/b)·x[m, k] for fold (≥ cdiv(M, 16), K) fp32. Returns the
     number of row blocks written to ``fold`` (0 without it)."""
@@ -652,23 +715,23 @@ def shrink(x, y, rank, out, fold_u=None, fold=None) -> int:
         return cdiv(M, meta["BLOCK_M"]), cdiv(R, BLOCK_R)
 
     FOLD = fold_u is not None
-    _launch["shrink"](grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
-                             *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y)),
-                      dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R))
+    _launcher("shrink", tuned)(grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
+                                      *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y)),
+                               _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R), precision))
     return cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
-def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
+def fused_linear(x, y, bias, base, u, z, rank, alpha, out, precision=None, tuned=True) -> torch.Tensor:
     """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + [x·yᵀ] + [bias] + [base] for x (M, K), y (N, K) or None,
     u (M, R), z (N, R), base (M, N) or None."""
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _launch["fused"](grid, (x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
-                            *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
-                            *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
-                     dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                          PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R)))
+    _launcher("fused", tuned)(grid, (x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
+                                     *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
+                                     *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
+                              _options(dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                                            PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R)), precision))
     return out
 
 
@@ -677,19 +740,19 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
 DECODE_MAX_M, DECODE_MAX_R = 16, 64
 
 
-def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u) -> torch.Tensor:
+def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u, precision=None, tuned=True) -> torch.Tensor:
     """out (M ≤ 16, N) = x·wᵀ + (alpha/b_m)·(x·aᵀ ⊙ [j < b_m])·zᵀ + [bias] + [base] in one launch; writes u
     (M, R) fp32 when it is not None."""
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]),)
-    _launch["decode"](grid, (x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
-                             *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
-                             *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
-                             layout(x, w, a, z)),
-                      dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                           PER_ROW=rank.dim() == 1, NEED_U=u is not None,
-                           R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M))
+    _launcher("decode", tuned)(grid, (x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
+                                      *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
+                                      *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
+                                      layout(x, w, a, z)),
+                               _options(dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                                             PER_ROW=rank.dim() == 1, NEED_U=u is not None,
+                                             R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M), precision))
     return out
 
 
@@ -706,7 +769,7 @@ def finish(part, n_parts, rank, alpha, one_slot, out) -> torch.Tensor:
     return out
 
 
-def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
+def lora_grad(p, q, rank, alpha, frozen_prefix, out, precision=None, tuned=True) -> torch.Tensor:
     """out (R, K) = Σ_m (alpha/b_m)·trained(m, j)·p[m, j]·q[m, k] for p (M, R) fp32, q (M, K): fp32 partials over
     splits of M, then the fixed-order reduction (deterministic for a given M, device and config)."""
     M, K = q.shape
@@ -715,19 +778,20 @@ def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
     splits, rows = split_rows(M, cdiv(R, BLOCK_R) * cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(R, BLOCK_R) * cdiv(K, meta["BLOCK_K"]), splits)
-    _launch["grad"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                           bucket(M), bucket(R), bucket(K), layout(p, q)),
-                    dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R))
+    _launcher("grad", tuned)(grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                                    bucket(M), bucket(R), bucket(K), layout(p, q)),
+                             _options(dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R),
+                                      precision))
     return finish(part, splits, rank, alpha, False, out)
 
 
-def frozen_grad(p, q, rank, alpha, out) -> torch.Tensor:
+def frozen_grad(p, q, rank, alpha, out, tuned=True) -> torch.Tensor:
     """out (R, K): row b-1 = (alpha/b)·p[:, b-1]ᵀ·q for one shared rank b, every other row exactly 0."""
     M, K = q.shape
     R = p.shape[1]
     splits, rows = split_rows(M, cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), splits)
-    _launch["gemv"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                           bucket(M), bucket(R), bucket(K), layout(p, q)), {})
+    _launcher("gemv", tuned)(grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                                    bucket(M), bucket(R), bucket(K), layout(p, q)), {})
     return finish(part, splits, rank, alpha, True, out)
