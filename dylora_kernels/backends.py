@@ -336,3 +336,41 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
             candidates = _pairs(candidates)
         return _first_call(key, candidates, args, x, rank, R, fixed)
     return kernel(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs here (``python -m dylora_kernels info`` prints it)
+# ---------------------------------------------------------------------------------------------
+def available_backends(device: torch.device | str | None = None) -> list[tuple[str, bool, str]]:
+    """(name, runs, note) for each backend on ``device`` (default: the current CUDA device, else the CPU): whether
+    it runs there, and where it applies (or why it does not run)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    no_ext = "the C++ extension dylora_kernels._C is not built"
+    found = [("cpp", _C is not None and not cuda,
+              "CPU tensors" if not cuda else "CPU tensors only" if _C is not None else no_ext)]
+    if cuda:
+        found.append(("cublas", _C is not None, "the ATen composition on cuBLAS, every CUDA GPU" if _C is not None
+                      else no_ext))
+    arch = f"sm_{''.join(map(str, _capability(device)))}" if cuda else None
+    if not _TRITON_INSTALLED:
+        why_not = "triton is not installed"
+    elif cuda and _capability(device) < TRITON_MIN_CAPABILITY:
+        why_not = f"{arch}: the Triton kernels need sm_80+"
+    elif not cuda and not _interpreting():
+        why_not = "CPU tensors run the Triton kernels only in the interpreter (TRITON_INTERPRET=1)"
+    else:
+        why_not = None
+    where = arch or "the Triton interpreter"
+    found.append(("triton", why_not is None, why_not or f"pointer-tile kernels ({where})"))
+    found.append(("triton-decode", why_not is None, why_not or "forward with M <= 16 rows and r_max <= 64"))
+    if why_not is None and (not cuda or _capability(device) >= (9, 0)):
+        tma = (True, "sm_90+ TMA kernel for fp16/bf16 with 16-byte aligned x and weight rows")
+    else:
+        tma = (False, why_not or f"{arch}: the TMA kernel needs sm_90+")
+    found.append(("triton-tma", *tma))
+    return found

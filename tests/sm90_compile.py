@@ -124,7 +124,7 @@ def compile_one(tuner, pointers, fixed, config, dtype, target=H100, options=None
                        "out_desc": (BM, BN // 2 if kw["EPILOGUE_SUBTILE"] else BN)}
     # r_max = 64: the slot blocks and capacities the launchers derive from it
     capacity = dict(BLOCK_R=kernels.seed_block_r(64) if "z_ptr" in fn.arg_names else kernels.block_r(64),
-                    R_CAP=64, NUM_SMS=132, R_BLOCKS=kernels.cdiv(64, kernels.seed_block_r(64)))
+                    R_CAP=64, NUM_SMS=132, R_BLOCKS=kernels.cdiv(64, kernels.seed_block_r(64)), PRECISION="tf32")
     fixed = {**{k: v for k, v in capacity.items() if k in fn.arg_names}, **fixed, **kw}
     not_specialised = {fn.arg_names[i] for i, p in enumerate(fn.params) if p.do_not_specialize}
     signature, constants, attrs = {}, {}, {}
@@ -308,10 +308,69 @@ def check_index_width() -> int:
     return failures
 
 
+# Shared memory per block (opt-in maximum) of the Ampere/Ada GPUs users train on, and of the H100.
+ARCH_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+R_MAX = 64  # the rank capacity compile_one compiles for (the slot blocks derive from it)
+
+
+def check_shared_memory(archs, quick: bool) -> int:
+    """Compile every pointer kernel with every config (the TMA kernel is sm_90a only) for ``archs`` and report its
+    shared memory against 99 / 163 / 227 KiB; fail where kernels.shared_memory (the rule that prunes configs before
+    they are tried) and the compiled size disagree about fitting any of the three. fp32 dots compile with both
+    precisions (PRECISION "tf32" and "ieee"). --quick: sm_86, fp32 inputs and fp32 adapters beside bf16 with "ieee"
+    (torch's default), the first layout."""
+    SIZES = {"bf16": (2, 2), "fp32": (4, 4), "bf16+fp32 adapters": (2, 4)}
+    failures = 0
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for name, (tuner, configs, pointers, layouts, flag_sets, _) in KERNELS.items():
+            if name in ("tma", "finish"):
+                continue  # TMA: sm_90a only; finish: not autotuned (a few KiB)
+            for dtype, precision in [(d, p) for d in (("fp32", "bf16+fp32 adapters") if quick else DTYPES)
+                                     for p in (("ieee",) if quick else ("tf32", "ieee") if d != "bf16" else ("tf32",))]:
+                for layout, layout_fixed in list(layouts.items())[:1 if quick else None]:
+                    for config in configs:
+                        fixed = {**flag_sets[1], **layout_fixed, "PRECISION": precision}
+                        smem = compile_one(tuner, pointers, fixed, config, dtype, target).metadata.shared
+                        rule = kernels.shared_memory(name, config, *SIZES[dtype], R_MAX, precision)
+                        fits = " ".join(f"{limit // 1024}K:{'y' if smem <= limit else 'n'}"
+                                        for limit in sorted(set(ARCH_LIMITS.values())))
+                        wrong = [limit // 1024 for limit in set(ARCH_LIMITS.values()) if (smem <= limit) != (rule <= limit)]
+                        failures += bool(wrong)
+                        print(f"sm_{arch} {name:6} {layout:5} {dtype} {precision} {config.kwargs} stages={config.num_stages}: "
+                              f"smem {smem // 1024} KiB (rule {rule // 1024} KiB) fits {fits}"
+                              + (f"  FAIL: the rule disagrees at {wrong} KiB" if wrong else ""), flush=True)
+    return failures
+
+
+def check_precision() -> int:
+    """The fp32 fused kernel compiled with PRECISION "ieee" (torch's "highest") has no tf32 tensor core instruction;
+    with "tf32" it has (sm_90a: wgmma ... tf32); bf16 inputs with fp32 adapters under "ieee" keep bf16 wgmma for the
+    GEMM and no tf32."""
+    tuner, configs, pointers, layouts, flag_sets, _ = KERNELS["fused"]
+    failures = 0
+    for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16+fp32 adapters", "ieee")):
+        ptx = compile_one(tuner, pointers, {**flag_sets[1], **layouts["y"], "PRECISION": precision}, configs[1],
+                          dtype).asm["ptx"]
+        tf32 = bool(re.search(r"(?:wgmma|mma)\S*\.tf32", ptx))
+        bf16 = bool(re.search(r"(?:wgmma|mma)\S*\.bf16", ptx))
+        ok = tf32 == (precision == "tf32") and bf16 == (dtype != "fp32")  # the bf16 GEMM keeps its tensor cores
+        failures += not ok
+        print(f"fused {dtype} {precision}: {'tf32 mma' if tf32 else 'no tf32'}{', bf16 mma' if bf16 else ''}"
+              + ("" if ok else "  FAIL"), flush=True)
+    return failures
+
+
 def main() -> int:
+    if "--arch" in sys.argv:  # the pointer kernels on Ampere / Ada: shared memory and the pruning rule
+        quick = "--quick" in sys.argv
+        return 1 if check_shared_memory((86,) if quick else (80, 86, 89), quick) else 0
+    if "--precision" in sys.argv:
+        return 1 if check_precision() else 0
     failures = check_index_width()
     if "--index-width" in sys.argv:
         return 1 if failures else 0
+    failures += check_precision()
     seen = set()
     for name, layout, fixed in every_flag_combination():
         tuner, configs, pointers, _, _, _ = KERNELS[name]

@@ -12,8 +12,8 @@ base share one dtype D ∈ {fp16, bf16, fp32}; lora_A and lora_B share one dtype
 are in D, u in fp32 (M, R) (zero beyond each row's rank), dA and dB in Da. ``rank`` is an integer tensor on x's
 device (any integer dtype), 0-d or (M,): rows whose rank is outside [1, R] get NaN in y, u and dx and make dA/dB NaN.
 
-``precision`` ("ieee" / "tf32"; None: triton's default, tf32) is how dots with fp32 operands run on the GPU (the
-interpreter computes them in fp32 either way); ``tuned=False`` runs fixed configs (the first that fits per shape
+``precision`` ("ieee" / "tf32"; None: "tf32", triton's default) is how dots with fp32 operands run on the GPU (the
+kernels' PRECISION constexpr; the interpreter computes them in fp32 either way); ``tuned=False`` runs fixed configs (the first that fits per shape
 bucket, nothing timed: deterministic results).
 
 Variants: "pointer" (pointer-based tiles, any GPU and the interpreter); "decode" (forward, M ≤ 16: one launch);
@@ -83,7 +83,7 @@ def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant=
         u = torch.empty(M, R, device=x.device, dtype=torch.float32)
         kernels.shrink(x, lora_A, rank, u, precision=precision, tuned=tuned)
         if variant == "tma" and weight is not None:
-            hopper.fused_linear(x, weight, False, bias, base, u, lora_B, rank, alpha, y, tuned)
+            hopper.fused_linear(x, weight, False, bias, base, u, lora_B, rank, alpha, y, tuned, precision)
         else:
             kernels.fused_linear(x, weight, bias, base, u, lora_B, rank, alpha, y, precision, tuned)
     return y, (u if need_u else u.new_empty(0))
@@ -111,7 +111,7 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
         if compute_dx:
             dx = torch.empty(M, K, device=device, dtype=x.dtype)
             if variant == "tma" and weight is not None and hopper.applies(grad, weight, K):
-                hopper.fused_linear(grad, weight, True, None, None, v, lora_A.t(), rank, alpha, dx, tuned)
+                hopper.fused_linear(grad, weight, True, None, None, v, lora_A.t(), rank, alpha, dx, tuned, precision)
             else:
                 kernels.fused_linear(grad, None if weight is None else weight.t(), None, None, v, lora_A.t(), rank,
                                      alpha, dx, precision, tuned)

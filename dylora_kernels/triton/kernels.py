@@ -126,7 +126,7 @@ def shared_memory_limit(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def shared_memory(kernel: str, config, in_bytes: int, adapter_bytes: int, r_max: int) -> int:
+def shared_memory(kernel: str, config, in_bytes: int, adapter_bytes: int, r_max: int, precision: str = "tf32") -> int:
     """Bytes of shared memory ``kernel`` takes with ``config``, from its pipelined tiles: (num_stages - 1) buffers of
     the main loop's operand tiles, plus the layout-conversion scratch the compiler adds beside them. Matches the
     compiled kernels for sm_80/86/89 at the 99/163/227 KiB limits (tests/sm90_compile.py --arch checks it)."""
@@ -135,8 +135,10 @@ def shared_memory(kernel: str, config, in_bytes: int, adapter_bytes: int, r_max:
     if kernel == "fused":  # x and y tiles; fp32 adapters beside 16-bit inputs: the seed's u tile stays apart
         extra = BM * seed_block_r(r_max) * 4 if adapter_bytes > in_bytes else 0
         return buffers * (BM * BK + BK * BN) * in_bytes + extra
-    if kernel == "decode":  # x, w and A tiles
-        return buffers * ((BM * BK + BK * BN) * in_bytes + BK * next_power_of_2(max(16, r_max)) * adapter_bytes)
+    if kernel == "decode":  # x, w and A tiles; IEEE fp32 dots against fp32 adapters: x's tile upcast, once
+        upcast = BM * BK * 4 if adapter_bytes > in_bytes and precision == "ieee" else 0
+        return (buffers * ((BM * BK + BK * BN) * in_bytes + BK * next_power_of_2(max(16, r_max)) * adapter_bytes)
+                + upcast)
     if kernel == "shrink":  # x and y tiles
         return buffers * (BM * BK * in_bytes + BK * block_r(r_max) * adapter_bytes)
     if kernel == "grad":  # fp32 P and Q tiles, and P's transpose in Q's dtype
@@ -157,7 +159,7 @@ def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
     main, side = (named_args[name] for name in _SHARED_MEMORY_OPERANDS[kernel])
     limit = shared_memory_limit(main.device)
     if limit is not None:
-        sizes = (main.element_size(), side.element_size(), named_args["R"])
+        sizes = (main.element_size(), side.element_size(), named_args["R"], kwargs.get("PRECISION", "tf32"))
         kept = [c for c in kept if shared_memory(kernel, c, *sizes) <= limit] or configs[:1]
     return kept[:1] if fixed else kept
 
@@ -283,26 +285,27 @@ def _scale_slots(p, offs_r, b, ONE_HOT: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc):
-    """acc + a·b for two storage-dtype operands: as they are when their dtypes agree, in fp32 (tf32 on the GPU)
-    when they differ (mixed precision: bf16 activations, fp32 adapters)."""
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a·b for two storage-dtype operands: as they are when their dtypes agree, in fp32 when they differ
+    (mixed precision: bf16 activations, fp32 adapters). fp32 operands multiply as PRECISION says ("ieee" or "tf32":
+    torch's matmul precision, backends.matmul_precision_key)."""
     if a.dtype == b.dtype:
-        return tl.dot(a, b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale):
+def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale, PRECISION: tl.constexpr):
     """acc + ((u ⊙ [j < b_m]) · scale / b_m)·Z[offs_n, offs_r]ᵀ for one block of slots; Z's slots at or beyond r_end
     (the tile's largest rank) are not read. u is fp32, cast to Z's dtype after the scaling."""
     z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :].to(tl.int64) * stride_zn,
                 mask=(offs_r[:, None] < r_end) & (offs_n[None, :] < N), other=0.0)
-    return tl.dot((_scale_slots(u, offs_r, b, False) * scale).to(z.dtype), z, acc)
+    return tl.dot((_scale_slots(u, offs_r, b, False) * scale).to(z.dtype), z, acc, input_precision=PRECISION)
 
 
 @triton.jit
 def _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """The fp32 tile alpha·Σ_j (U[m, j]/b_m)·Z[n, j] over j < b_m: what a fused GEMM starts its accumulator from
     (the low-rank term goes in before the K loop, so the epilogue holds nothing extra). Slot blocks run up to the
     tile's largest rank; U and Z are not read beyond it. alpha multiplies the fp32 sum, so a 16-bit operand never
@@ -311,13 +314,14 @@ def _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, strid
     r_end = tl.max(b, axis=0)
     for r0 in range(0, r_end, BLOCK_R):
         acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn,
-                             stride_zr, BLOCK_R, acc, 1.0)
+                             stride_zr, BLOCK_R, acc, 1.0, PRECISION)
     return acc * alpha
 
 
 @triton.jit
 def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """acc + the low-rank term, its R_BLOCKS slot blocks unrolled at compile time (each masked at the tile's largest
     rank, so blocks past it read nothing; no loop: what a flattened persistent loop nest can hold, a loop inside it
     stops the flattening), accumulated into acc itself: a second accumulator tile spills registers there (sm_90a).
@@ -331,7 +335,7 @@ def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, 
     r_end = tl.max(b, axis=0)
     for i in tl.static_range(R_BLOCKS):
         term = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
-                              stride_zn, stride_zr, BLOCK_R, term, scale)
+                              stride_zn, stride_zr, BLOCK_R, term, scale, PRECISION)
     if apart:
         return acc + term * alpha
     return term
@@ -339,13 +343,13 @@ def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, 
 
 @triton.jit
 def _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn, stride_zr,
-                   BLOCK_R: tl.constexpr, acc, scale):
+                   BLOCK_R: tl.constexpr, acc, scale, PRECISION: tl.constexpr):
     """acc + the slot block [r0, r0 + BLOCK_R) of the low-rank term times ``scale`` (U loaded here; nothing at or
     past r_end)."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_end), other=0.0)
-    return _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale)
+    return _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale, PRECISION)
 
 
 @triton.jit
@@ -374,7 +378,7 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
-                 stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K: tl.constexpr):
+                 stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """acc + X[offs_m, :K] · Y[offs_n, :K]ᵀ, masked at every edge (K = 0 returns acc)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
@@ -383,7 +387,7 @@ def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
         k_in = offs_k < K - k0
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
         y = tl.load(y_ptrs, mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = _dot(x, y, acc)
+        acc = _dot(x, y, acc, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         y_ptrs += BLOCK_K * stride_yk
     return acc
@@ -404,8 +408,8 @@ def _shrink_kernel(
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        PER_ROW: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        PER_ROW: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (M, R) fp32 = (X·Yᵀ) ⊙ [j < b_m], NaN rows where b_m is out of range: u = x·A[:b]ᵀ or v = g·B[:, :b].
 
     FOLD (v with one shared rank in frozen-prefix mode): the slot-block-0 program of row block p also writes
@@ -438,7 +442,7 @@ def _shrink_kernel(
         y_ptrs += BLOCK_K * stride_yk
         y_next = tl.load(y_ptrs, mask=(offs_k[:, None] < K - k0 - BLOCK_K) & slots_used, other=0.0)
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
-        acc = _dot(x, y, acc)
+        acc = _dot(x, y, acc, PRECISION)
         if FOLD:
             part = tl.sum(w[:, None] * x.to(tl.float32), axis=0)
             tl.store(fold_ptr + pid_m.to(tl.int64) * stride_fp + (k0 + offs_k).to(tl.int64) * stride_fk, part,
@@ -465,8 +469,8 @@ def _fused_linear_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr):
+        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + [X·Yᵀ] + [bias] + [base]: the forward y and the backward dx.
 
     X (M, K), Y (N, K), U (M, R) fp32, Z (N, R), base (M, N). The accumulator starts as the low-rank term, the GEMM
@@ -477,10 +481,10 @@ def _fused_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
     acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                        BLOCK_M, BLOCK_N, BLOCK_R)
+                        BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
     if HAS_W:
         acc = _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
-                           stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K)
+                           stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K, PRECISION)
     acc = _epilogue(acc, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem, stride_basen,
                     HAS_BIAS, HAS_BASE)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
@@ -501,8 +505,8 @@ def _decode_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        NEED_U: tl.constexpr, R_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        NEED_U: tl.constexpr, R_CAP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole forward for M ≤ BLOCK_M rows in one launch, one program per N-tile:
     y = x·Wᵀ + s_m·(u ⊙ [j < b_m])·B[:, :R_CAP]ᵀ + bias + base with u = x·A[:b]ᵀ accumulated in the same K loop
     (every program recomputes u: at this M it costs a re-read of A[:b] from L2, no extra launch, no extra pass over
@@ -525,13 +529,13 @@ def _decode_kernel(
         if HAS_W:
             w = tl.load(w_ptr + k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
                         mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
-            acc = _dot(x, w, acc)
+            acc = _dot(x, w, acc, PRECISION)
         a = tl.load(a_ptr + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                     mask=k_in[:, None] & (offs_r[None, :] < r_end), other=0.0)
-        u = _dot(x, a, u)
+        u = _dot(x, a, u, PRECISION)
 
     low_rank = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr,
-                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0)
+                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0, PRECISION)
     acc = _epilogue(acc + alpha * low_rank, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias,
                     stride_basem, stride_basen, HAS_BIAS, HAS_BASE)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on
@@ -554,7 +558,7 @@ def _lora_grad_kernel(
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr,
+        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, j, k] (fp32) = Σ_{m in split s} trained(m, j)·(P[m, j]/b_m)·Q[m, k]: one split of dA = (v/b)ᵀ·x or
     dBᵀ = (u/b)ᵀ·g over M (grid: slot blocks × K blocks × splits, so M ≥ 2048 fills the GPU).
@@ -588,7 +592,7 @@ def _lora_grad_kernel(
                     mask=rows & (offs_k[None, :] < K), other=0.0)
         b, bad = _row_ranks(rank_ptr, offs_m, m_stop, R, PER_ROW)
         p = tl.where(bad[:, None], float("nan"), _scale_slots(p, offs_r, b, ONE_HOT))
-        acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc)
+        acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc, input_precision=PRECISION)
 
     part_ptrs = part_ptr + pid_s.to(tl.int64) * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
     tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
@@ -692,9 +696,9 @@ def _launcher(name: str, tuned: bool) -> Launcher:
 
 
 def _options(constexprs: dict, precision: str | None) -> dict:
-    """The launch's constexprs, plus how fp32 dots run ("ieee" / "tf32": triton's default_dot_input_precision,
-    a compile option; None leaves triton's default, tf32)."""
-    return constexprs if precision is None else {**constexprs, "default_dot_input_precision": precision}
+    """The launch's constexprs, plus PRECISION: how dots with fp32 operands run ("ieee" / "tf32"; None, when no
+    operand is fp32: "tf32", triton's default, which 16-bit dots ignore)."""
+    return {**constexprs, "PRECISION": precision or "tf32"}
 
 
 def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
