@@ -88,12 +88,14 @@ def matmul_precision_key() -> str:
 
 _FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
 DETERMINISTIC_ENV = "DYLORA_DETERMINISTIC"
+_ENV_DETERMINISTIC = os.environ.get(DETERMINISTIC_ENV) == "1"  # read once (an environment lookup costs ~1 µs)
 
 
 def deterministic() -> bool:
     """Whether results must be bit-identical across runs and processes: ``torch.use_deterministic_algorithms(True)``
-    or DYLORA_DETERMINISTIC=1. Then nothing is chosen by timing (see ``_fixed_choice``). Part of the dispatch key."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get(DETERMINISTIC_ENV) == "1"
+    or DYLORA_DETERMINISTIC=1 in the environment when dylora_kernels is imported. Then nothing is chosen by timing
+    (see ``_fixed_choice``). Part of the dispatch key."""
+    return _ENV_DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 @functools.cache

@@ -53,7 +53,7 @@ class FakeX:
 
 def pretend_gpu(monkeypatch, timer, capturing=False):
     monkeypatch.setattr(backends, "DISPATCHER", dispatch.Dispatcher(timer=timer, capturing=lambda: capturing,
-                                                                     cache_dir=None, skip=(dispatch.CandidateFailed,)))
+                                                                     cache_dir=None, skip=dispatch.DISPATCHER.skip))
     monkeypatch.setattr(backends, "_device_name", lambda device: "FakeGPU")
     monkeypatch.setattr(backends, "_capturing", lambda device: capturing)
 
@@ -325,11 +325,12 @@ def test_real_capture_of_an_unseen_shape(monkeypatch, fresh_router):
 # 5. Determinism on request
 # --------------------------------------------------------------------------------------------
 def test_deterministic_follows_torch_and_the_environment(monkeypatch):
-    monkeypatch.delenv(backends.DETERMINISTIC_ENV, raising=False)
+    monkeypatch.setattr(backends, "_ENV_DETERMINISTIC", False)
     assert not backends.deterministic()
-    monkeypatch.setenv(backends.DETERMINISTIC_ENV, "1")
-    assert backends.deterministic()
-    monkeypatch.delenv(backends.DETERMINISTIC_ENV)
+    env = {**os.environ, backends.DETERMINISTIC_ENV: "1"}
+    code = "from dylora_kernels import backends; print(backends.deterministic())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
     torch.use_deterministic_algorithms(True)
     try:
         assert backends.deterministic()
@@ -360,11 +361,11 @@ def test_deterministic_mode_is_a_key_and_uses_fixed_configs(monkeypatch, fresh_r
     real = kernels._launcher
     monkeypatch.setattr(kernels, "_launcher", lambda name, tuned: used.append(tuned) or real(name, tuned))
     t = make_inputs((5, 16), 12, 4, False, "contiguous", torch.float32, "cpu")
-    for env in ("0", "1"):
-        monkeypatch.setenv(backends.DETERMINISTIC_ENV, env)
+    for fixed in (False, True):
+        monkeypatch.setattr(backends, "_ENV_DETERMINISTIC", fixed)
         used.clear()
         dylora_kernels.dylora_linear(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], 3, 1.0, backend="triton")
-        assert used and set(used) == {env == "0"}
+        assert used and set(used) == {not fixed}
     assert {k[-1] for k in backends._CHOSEN if k[0] == "forward"} == {False, True}
 
 

@@ -86,7 +86,7 @@ class Launcher:
     def _through_triton(self, grid, args, constexprs):
         """triton's own launch (autotuning and compiling on first use); the compiled kernel it ran. Never inside
         CUDA-graph capture: autotuning would time configs there, so a launch not seen eagerly raises."""
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise CaptureError(f"dylora: {self.fn.__name__} would compile or autotune for a new specialisation during "
                                "CUDA-graph capture; run the same step once eagerly (a warm-up) before capturing")
         kernel = self.tuner[grid](*args, **constexprs)
