@@ -1,6 +1,7 @@
 """Compile every Triton kernel for an H100 (sm_90a) without a GPU, with the ptxas that triton bundles.
 
-    python tests/sm90_compile.py [--quick]     (TRITON_INTERPRET must be unset: it replaces the compiler)
+    python tests/sm90_compile.py [--quick | --index-width | --precision | --arch [--quick]]
+    (TRITON_INTERPRET must be unset: it replaces the compiler)
 
 The interpreter runs the kernels' arithmetic but not the compiler, so it misses what only compilation finds:
 type errors in the jitted code, shared memory beyond the chip, register spills, main loops the software pipeliner
@@ -21,9 +22,16 @@ autotune keys excepted: never specialised). Checks, per compilation:
   `wgmma.mma_async`; for the TMA kernel's FLATTEN configs that loop is the single flattened loop over tiles and
   K blocks, the epilogue's TMA store inside it; for the GEMV, its loads are asynchronous copies.
 
+- index products that can reach 2^31 (WIDE_INDEX: a column-major base, W, x or g; the split partials) are 64-bit
+  in the PTX: the stride is widened before it is multiplied, never an operand of 32-bit integer arithmetic;
+- fp32 dots follow PRECISION: no tf32 tensor-core instruction under "ieee", tf32 under "tf32".
+
 Prints one line per compilation; exit status 1 if a check fails, 77 if this triton cannot compile offline.
---quick: only each kernel's first large config in bf16 with the heaviest flags. tests/test_triton.py runs the
-full check in a subprocess.
+--quick: only each kernel's first large config in bf16 with the heaviest flags. --index-width / --precision: only
+that check. --arch [--quick]: the pointer kernels for sm_80, sm_86 and sm_89 (every config, dtype, layout; fp32
+dots in both precisions), their shared memory against 99 / 163 / 227 KiB and the pruning rule
+(kernels.shared_memory) checked against it; --quick: sm_86, fp32 and fp32 adapters, "ieee", one layout.
+tests/test_triton.py runs the full sm_90a check in a subprocess, tests/test_gpu_reliability.py the others.
 """
 import itertools
 import os
