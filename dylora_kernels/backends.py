@@ -178,8 +178,8 @@ def _triton_backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_pre
 def _implementations(op: str, x: Tensor, weight, lora_A, lora_B, backend: str, precision: str | None = None,
                      fixed: bool = False) -> dict[str, Callable]:
     """name -> kernel for ``op`` ("forward" / "backward") on these operands, restricted by ``backend``
-    (or, for "auto", by DYLORA_DISPATCH). The cuBLAS composition comes first (the capture default). The Triton
-    kernels get ``precision`` (``matmul_precision_key()``, None: no fp32 operand) for their fp32 dots, and fixed configs when ``fixed``
+    (or, for "auto", by DYLORA_DISPATCH). The cuBLAS composition comes first. The Triton kernels get ``precision``
+    (``matmul_precision_key()``; None: no fp32 operand) for their fp32 dots, and fixed configs when ``fixed``
     (``deterministic()``)."""
     family = forced_family() if backend == "auto" else backend
     found: dict[str, Callable] = {}

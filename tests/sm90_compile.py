@@ -343,9 +343,11 @@ def check_shared_memory(archs, quick: bool) -> int:
                         rule = kernels.shared_memory(name, config, *SIZES[dtype], R_MAX, precision)
                         fits = " ".join(f"{limit // 1024}K:{'y' if smem <= limit else 'n'}"
                                         for limit in sorted(set(ARCH_LIMITS.values())))
-                        wrong = [limit // 1024 for limit in set(ARCH_LIMITS.values()) if (smem <= limit) != (rule <= limit)]
+                        wrong = [limit // 1024 for limit in set(ARCH_LIMITS.values())
+                                 if (smem <= limit) != (rule <= limit)]
                         failures += bool(wrong)
-                        print(f"sm_{arch} {name:6} {layout:5} {dtype} {precision} {config.kwargs} stages={config.num_stages}: "
+                        print(f"sm_{arch} {name:6} {layout:5} {dtype} {precision} {config.kwargs} "
+                              f"stages={config.num_stages}: "
                               f"smem {smem // 1024} KiB (rule {rule // 1024} KiB) fits {fits}"
                               + (f"  FAIL: the rule disagrees at {wrong} KiB" if wrong else ""), flush=True)
     return failures

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import dylora_kernels
-from dylora_kernels import backends, dispatch
-from conftest import CUDA, HAS_TRITON, make_inputs, reference_run, rel_err
+from dylora_kernels import backends, dispatch, reference
+from conftest import CUDA, HAS_TRITON, make_inputs, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SM90_COMPILE = os.path.join(ROOT, "tests", "sm90_compile.py")
@@ -107,8 +107,9 @@ def test_column_major_base_past_2_31_elements():
 def test_column_major_gradient_past_2_31_elements():
     """dB = (alpha/b)·gᵀ·u with g (M, N) column-major and M·N > 2^31: the gradient kernel's k·M index product
     overflows in 32 bits. The last columns of dB against float64."""
+    from dylora_kernels import triton as T
+
     M, N, K, R = 16400, 131072, 64, 8
-    T = dylora_kernels.triton
     g_gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g_gen)
     A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16, generator=g_gen) / K**0.5
@@ -303,9 +304,14 @@ def test_real_capture_of_an_unseen_shape(monkeypatch, fresh_router):
     t = make_inputs((M, K), N, R, True, "contiguous", torch.float32, "cuda")
     call = lambda b: dylora_kernels.dylora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], b, 2.0)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(backends.CaptureError, match="once eagerly"):
+    try:
         with torch.cuda.graph(graph):
             call(3)
+    except Exception as e:  # noqa: BLE001 - ending the aborted capture may raise on top of it
+        assert any(isinstance(c, backends.CaptureError) and "once eagerly" in str(c)
+                   for c in (e, e.__context__, e.__cause__)), repr(e)
+    else:
+        pytest.fail("capturing an unseen shape did not raise CaptureError")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -317,7 +323,9 @@ def test_real_capture_of_an_unseen_shape(monkeypatch, fresh_router):
             y = call(b)
         graph.replay()
         torch.cuda.synchronize()
-        ref = reference_run(t, b, 2.0, False, torch.zeros(M, N), wrt=())[0]
+        t64 = {k: v.cpu().double() for k, v in t.items()}
+        ref = reference.dylora_linear(t64["x"], t64["weight"], t64["bias"], t64["lora_A"], t64["lora_B"],
+                                      torch.tensor(b), 2.0, False)
         assert rel_err(y, ref) < 2e-3, b
 
 

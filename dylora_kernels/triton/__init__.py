@@ -12,9 +12,9 @@ base share one dtype D ∈ {fp16, bf16, fp32}; lora_A and lora_B share one dtype
 are in D, u in fp32 (M, R) (zero beyond each row's rank), dA and dB in Da. ``rank`` is an integer tensor on x's
 device (any integer dtype), 0-d or (M,): rows whose rank is outside [1, R] get NaN in y, u and dx and make dA/dB NaN.
 
-``precision`` ("ieee" / "tf32"; None: "tf32", triton's default) is how dots with fp32 operands run on the GPU (the
-kernels' PRECISION constexpr; the interpreter computes them in fp32 either way); ``tuned=False`` runs fixed configs (the first that fits per shape
-bucket, nothing timed: deterministic results).
+``precision`` ("ieee" / "tf32"; None: "tf32", triton's default) is how dots with fp32 operands run on the GPU
+(the kernels' PRECISION constexpr; the interpreter computes them in fp32 either way); ``tuned=False`` runs fixed
+configs (the first that fits per shape bucket, nothing timed: deterministic results).
 
 Variants: "pointer" (pointer-based tiles, any GPU and the interpreter); "decode" (forward, M ≤ 16: one launch);
 "tma" (sm_90+, fp16/bf16, TMA-aligned x and weight: a persistent TMA GEMM for y and dx). The backward's "tma"
@@ -123,6 +123,7 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
                 kernels.finish(fold, n_fold, rank, alpha, True, dB.t())
             else:
                 kernels.lora_grad(v, x, rank, alpha, frozen_prefix, dA, precision, tuned)
-                kernels.lora_grad(u, grad, rank, alpha, frozen_prefix, dB.t(), precision, tuned)  # dBᵀ[j, n] = Σ_m s_m·u[m, j]·g[m, n]
+                # dBᵀ[j, n] = Σ_m s_m·u[m, j]·g[m, n]
+                kernels.lora_grad(u, grad, rank, alpha, frozen_prefix, dB.t(), precision, tuned)
     return dx, dA, dB
 

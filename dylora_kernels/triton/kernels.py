@@ -719,8 +719,9 @@ def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True) 
         return cdiv(M, meta["BLOCK_M"]), cdiv(R, BLOCK_R)
 
     FOLD = fold_u is not None
-    _launcher("shrink", tuned)(grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
-                                      *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y)),
+    _launcher("shrink", tuned)(grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(),
+                                      *out.stride(), *_strides(fold_u), *_strides(fold), bucket(M), bucket(R),
+                                      bucket(K), layout(x, y)),
                                _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R), precision))
     return cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
