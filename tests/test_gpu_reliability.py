@@ -73,7 +73,7 @@ def test_index_products_are_64_bit_in_the_ptx():
     """Compiled for sm_90a (no GPU needed): every stride whose product can reach 2^31 (a column-major base, W or
     x/g; the split partials) is widened to 64 bits before it is multiplied, in every kernel that has one."""
     out = offline_compile("--index-width")
-    assert out.count(": ok") == 8, out
+    assert out.count(": ok") >= 8, out
 
 
 def _free_gpu_bytes() -> int:
