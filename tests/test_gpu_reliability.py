@@ -254,8 +254,9 @@ def test_configs_are_pruned_by_the_devices_shared_memory(monkeypatch):
 
 
 def test_pruning_rule_matches_compiled_kernels_on_sm86():
-    """Offline: fp32 and fp32-adapter configs of every pointer kernel compiled for sm_86; the pruning rule agrees
-    with the compiled shared memory about fitting 99 / 163 / 227 KiB. (The full report for sm_80/86/89:
+    """Offline: fp32 and fp32-adapter configs (IEEE dots) of the kernels with configs near a limit (fused, decode,
+    gradient partials) compiled for sm_86; the pruning rule agrees with the compiled shared memory about fitting
+    99 / 163 / 227 KiB. (The full report for sm_80/86/89:
     ``python tests/sm90_compile.py --arch``.)"""
     out = offline_compile("--arch", "--quick")
     assert "sm_86" in out and "FAIL" not in out
