@@ -11,8 +11,9 @@ and GPU overlapping); the fastest median wins. The choice is kept in memory and 
 among all); a backend named in the call (``backend="cublas"``) overrides it.
 
 During CUDA-graph capture nothing is timed (it would launch and synchronise inside the capture): a
-remembered choice is used, else the first candidate in the order given (the router lists the cuBLAS
-composition first). Warm up once before capturing so that the real choice is made.
+remembered choice is used, else the first candidate in the order given. (The router, backends.py, never asks
+during capture: a key it has not seen eagerly raises its CaptureError first.) Warm up once before capturing.
+A candidate whose run raises one of ``skip`` (the router's: CandidateFailed) is timed as never finishing.
 """
 from __future__ import annotations
 
