@@ -12,7 +12,7 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DYLORA_FUZZ_CASES=${DYLORA_FUZZ_CASES:-20}
 # The GPU-relevant suites (the model/distributed/Trainer/demo tests are CPU-only and run in CI).
-TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py"}
+TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py tests/test_gpu_reliability.py"}
 TESTS_TIMEOUT=${GPU_CHECK_TESTS_TIMEOUT:-150}
 BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-170}
 export DYLORA_DISPATCH_CACHE="$OUT/dispatch_cache"  # a fresh dispatcher cache: the run measures
