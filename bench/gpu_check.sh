@@ -17,7 +17,7 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DYLORA_FUZZ_CASES=${DYLORA_FUZZ_CASES:-20}
 export DYLORA_DISPATCH_CACHE="$OUT/dispatch_cache"  # a fresh dispatcher cache: the run measures
-TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_executor.py tests/test_lean.py tests/test_info.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py"}
+TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_executor.py tests/test_lean.py tests/test_info.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py tests/test_gpu_reliability.py"}
 PY=${PYTHON:-python3}
 t0=$SECONDS
 DIGEST=()

@@ -225,7 +225,10 @@ PlanCache& plans() {
 
 // ---------------------------------------------------------------------------------------------
 // Ranks: the Triton kernels read the rank on the device. A host rank (a 0-d CPU tensor: a Python int the
-// caller passed) becomes one cached device tensor per (value, device), made on first use: no copy per call.
+// caller passed) becomes a cached device tensor per (value, device): no copy per call. The first one made on a
+// device makes every rank 0..r_max at once (one device-side arange, no host→device copy), 16 bytes apart (the
+// alignment a fresh tensor has, so Triton specialises alike), so that a CUDA graph captured later with any rank
+// finds its copy (as backends.prepare_device_ranks does for the Python path).
 // ---------------------------------------------------------------------------------------------
 bool capturing(const Tensor& x) {
 #ifdef WITH_CUDA
@@ -236,19 +239,25 @@ bool capturing(const Tensor& x) {
 #endif
 }
 
-Tensor rank_on(const Tensor& rank, const Tensor& x) {
+Tensor rank_on(const Tensor& rank, const Tensor& x, int64_t r_max) {
   if (rank.device() == x.device()) return rank;
   static std::mutex mutex;
   static auto* cache = new std::map<std::pair<int64_t, c10::DeviceIndex>, Tensor>();
   const int64_t value = rank.item<int64_t>();  // a 0-d CPU tensor: a host read, no sync
-  const auto key = std::make_pair(value, x.device().index());
+  const c10::DeviceIndex index = x.device().index();
   const std::lock_guard<std::mutex> lock(mutex);
-  auto found = cache->find(key);
+  auto found = cache->find({value, index});
   if (found != cache->end()) return found->second;
   TORCH_CHECK(!capturing(x), "dylora: rank ", value, " given on the host has no copy on ", x.device(),
-              " yet, and none can be made during CUDA-graph capture: run the layer once eagerly with this rank "
-              "before capturing, or pass the rank as an integer tensor on the GPU");
-  return cache->emplace(key, rank.to(x.device(), at::kLong)).first->second;
+              " yet, and none can be made during CUDA-graph capture: run the layer once eagerly before capturing, "
+              "or pass the rank as an integer tensor on the GPU");
+  if (value < 0 || value > r_max) {
+    return cache->emplace(std::make_pair(value, index), rank.to(x.device(), at::kLong)).first->second;
+  }
+  Tensor table = at::zeros({r_max + 1, 2}, x.options().dtype(at::kLong));
+  table.select(1, 0).copy_(at::arange(r_max + 1, table.options()));
+  for (int64_t b = 0; b <= r_max; ++b) cache->emplace(std::make_pair(b, index), table.select(0, b).select(0, 0));
+  return cache->at({value, index});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,8 +273,9 @@ ForwardResult run_forward(const Part& part, const Tensor& x, const optional<Tens
     case Kind::kCublas:
       return forward_aten(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
     case Kind::kTriton:
-      return triton_launch::forward(*part.triton, x, weight, bias, base, lora_A, lora_B, rank_on(rank, x), alpha,
-                                    need_u);
+      return triton_launch::forward(*part.triton, x, weight, bias, base, lora_A, lora_B,
+                                    rank_on(rank, x, lora_A.size(0)),
+                                    alpha, need_u);
     case Kind::kPython: {
       py::gil_scoped_acquire gil;
       return (*part.python)(x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, need_u)
@@ -283,7 +293,8 @@ BackwardResult run_backward(const Part& part, const Tensor& grad, const Tensor& 
       return backward_aten(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
                            compute_lora);
     case Kind::kTriton:
-      return triton_launch::backward(*part.triton, grad, x, weight, lora_A, lora_B, u, rank_on(rank, x), alpha,
+      return triton_launch::backward(*part.triton, grad, x, weight, lora_A, lora_B, u,
+                                     rank_on(rank, x, lora_A.size(0)), alpha,
                                      frozen_prefix, compute_dx, compute_lora);
     case Kind::kPython: {
       py::gil_scoped_acquire gil;

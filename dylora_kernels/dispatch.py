@@ -11,8 +11,9 @@ and GPU overlapping); the fastest median wins. The choice is kept in memory and 
 among all); a backend named in the call (``backend="cublas"``) overrides it.
 
 During CUDA-graph capture nothing is timed (it would launch and synchronise inside the capture): a
-remembered choice is used, else the first candidate in the order given (the router lists the cuBLAS
-composition first). Warm up once before capturing so that the real choice is made.
+remembered choice is used, else the first candidate in the order given. (The router, backends.py, never asks
+during capture: a key it has not seen eagerly raises its CaptureError first.) Warm up once before capturing.
+A candidate whose run raises one of ``skip`` (the router's: CandidateFailed) is timed as never finishing.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ import torch
 
 DISPATCH_ENV = "DYLORA_DISPATCH"
 FAMILIES = ("auto", "triton", "cublas")
+
+
+class CandidateFailed(RuntimeError):
+    """A candidate failed to compile or launch (backends.py drops it, with a warning, and uses the next one)."""
 
 
 def forced_family() -> str:
@@ -158,4 +163,4 @@ class Dispatcher:
             pass  # a read-only home: the choice stays in memory
 
 
-DISPATCHER = Dispatcher()
+DISPATCHER = Dispatcher(skip=(CandidateFailed,))

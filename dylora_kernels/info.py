@@ -67,10 +67,8 @@ def lines() -> list[str]:
         cuda_path = "Python (CPU build of the extension)"
     if not torch.cuda.is_available():
         out.append("GPU: none seen by torch")
-        backends_here = ["cpp"] if C is not None else []
-        if backends.triton_available(torch.device("cpu")):
-            backends_here.append("triton (interpreter, TRITON_INTERPRET=1)")
-        out.append(f"backends on CPU: {', '.join(backends_here + ['reference'])}")
+        runs = [name for name, ok, _ in backends.available_backends("cpu") if ok]
+        out.append(f"backends on CPU: {', '.join(runs + ['reference'])}")
         return out
     device = torch.device("cuda", torch.cuda.current_device())
     major, minor = torch.cuda.get_device_capability(device)
@@ -81,7 +79,9 @@ def lines() -> list[str]:
     out.append(f"GPU: {props.name}, sm_{major}{minor}, {props.total_memory / 2**30:.0f} GiB, "
                f"{props.multi_processor_count} SMs{covered}")
     out.append(f"CUDA path: {cuda_path}")
-    out.append(f"backends on this GPU: {', '.join(backends.available(device))}")
+    out.append(f"fp32 matmuls: {backends.matmul_precision_key()}; deterministic: {backends.deterministic()}")
+    out.append("backends on this GPU:")
+    out += [f"  {name:14s} {'yes' if runs else 'no '}  {note}" for name, runs, note in backends.available_backends(device)]
     return out
 
 

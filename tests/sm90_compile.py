@@ -1,6 +1,7 @@
 """Compile every Triton kernel for an H100 (sm_90a) without a GPU, with the ptxas that triton bundles.
 
-    python tests/sm90_compile.py [--quick]     (TRITON_INTERPRET must be unset: it replaces the compiler)
+    python tests/sm90_compile.py [--quick | --index-width | --precision | --arch [--quick]]
+    (TRITON_INTERPRET must be unset: it replaces the compiler)
 
 The interpreter runs the kernels' arithmetic but not the compiler, so it misses what only compilation finds:
 type errors in the jitted code, shared memory beyond the chip, register spills, main loops the software pipeliner
@@ -21,9 +22,16 @@ autotune keys excepted: never specialised). Checks, per compilation:
   `wgmma.mma_async`; for the TMA kernel's FLATTEN configs that loop is the single flattened loop over tiles and
   K blocks, the epilogue's TMA store inside it; for the GEMV, its loads are asynchronous copies.
 
+- index products that can reach 2^31 (WIDE_INDEX: a column-major base, W, x or g; the split partials) are 64-bit
+  in the PTX: the stride is widened before it is multiplied, never an operand of 32-bit integer arithmetic;
+- fp32 dots follow PRECISION: no tf32 tensor-core instruction under "ieee", tf32 under "tf32".
+
 Prints one line per compilation; exit status 1 if a check fails, 77 if this triton cannot compile offline.
---quick: only each kernel's first large config in bf16 with the heaviest flags. tests/test_triton.py runs the
-full check in a subprocess.
+--quick: only each kernel's first large config in bf16 with the heaviest flags. --index-width / --precision: only
+that check. --arch [--quick]: the pointer kernels for sm_80, sm_86 and sm_89 (every config, dtype, layout; fp32
+dots in both precisions), their shared memory against 99 / 163 / 227 KiB and the pruning rule
+(kernels.shared_memory) checked against it; --quick: sm_86, fp32 and fp32 adapters, "ieee", one layout.
+tests/test_triton.py runs the full sm_90a check in a subprocess, tests/test_gpu_reliability.py the others.
 """
 import itertools
 import os
@@ -112,7 +120,7 @@ KERNELS = {
 }
 
 
-def compile_one(tuner, pointers, fixed, config, dtype):
+def compile_one(tuner, pointers, fixed, config, dtype, target=H100, options=None):
     """The compiled kernel for one config, specialised like a launch on aligned, 16-divisible operands."""
     fn = tuner.fn if isinstance(tuner, Autotuner) else tuner
     D, Da = DTYPES[dtype]
@@ -124,7 +132,7 @@ def compile_one(tuner, pointers, fixed, config, dtype):
                        "out_desc": (BM, BN // 2 if kw["EPILOGUE_SUBTILE"] else BN)}
     # r_max = 64: the slot blocks and capacities the launchers derive from it
     capacity = dict(BLOCK_R=kernels.seed_block_r(64) if "z_ptr" in fn.arg_names else kernels.block_r(64),
-                    R_CAP=64, NUM_SMS=132, R_BLOCKS=kernels.cdiv(64, kernels.seed_block_r(64)))
+                    R_CAP=64, NUM_SMS=132, R_BLOCKS=kernels.cdiv(64, kernels.seed_block_r(64)), PRECISION="tf32")
     fixed = {**{k: v for k, v in capacity.items() if k in fn.arg_names}, **fixed, **kw}
     not_specialised = {fn.arg_names[i] for i, p in enumerate(fn.params) if p.do_not_specialize}
     signature, constants, attrs = {}, {}, {}
@@ -138,8 +146,8 @@ def compile_one(tuner, pointers, fixed, config, dtype):
             signature[name] = {"x": f"*{D}", "a": f"*{Da}"}.get(kind, kind)
             if name not in not_specialised and signature[name] != "fp32":
                 attrs[(i,)] = BaseBackend.parse_attr("D")  # 16-byte aligned pointer / int divisible by 16
-    return triton_compile(ASTSource(fn, signature, constants, attrs), target=H100,
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return triton_compile(ASTSource(fn, signature, constants, attrs), target=target,
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages, **(options or {})))
 
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:
@@ -242,8 +250,138 @@ def every_flag_combination():
                 yield name, layout, {**layout_fixed, **flags, **nones}
 
 
-def main() -> int:
+# Index products that can reach 2^31 (M·N, M·K, N·K, partial buffers): the stride parameters whose products must be
+# computed in 64 bits, per kernel and layout (that layout's unit strides, minus these: a runtime i32 stride, as the
+# JIT passes one below 2^31; the heaviest flags). E.g. a column-major base (stride_basen = M) at n ≥ 2^31 / M.
+WIDE_INDEX = {
+    "fused": ("y", ("stride_basen",)),                 # base (M, N) column-major: n·M
+    "tma": ("y", ("stride_basen",)),                   # the same epilogue
+    "decode": ("y", ("stride_wk", "stride_basen")),    # W (N, K) column-major: k·N
+    "shrink": ("v", ("stride_fp",)),                   # fold partials (M/16, N): row block·N
+    "grad": ("dA/dB", ("stride_qk", "stride_ws")),     # Q (M, K) column-major: k·M; partials: split·R·K
+    "gemv": ("dA", ("stride_qk", "stride_ws")),
+    "finish": ("dA", ("stride_ws",)),
+}
+NARROW = re.compile(r"^\s*(?:mul|mad|mul24|mad24|add|sub|shl)\.(?:lo\.|hi\.)?[sub]32\b")  # 32-bit index arithmetic
+
+
+def narrow_index_problems(ttir: str, ptx: str, params) -> list[str]:
+    """Which of the kernel parameters ``params`` take part in 32-bit integer arithmetic in the PTX (a multiply, or
+    the add of a strength-reduced one) instead of being widened first. The PTX parameter of a TTIR argument has its
+    index (descriptors included); the register it is loaded into must be 64-bit (``ld.param.s32 %rd``) or be
+    sign-extended (``cvt.s64.s32``) and never be an operand of 32-bit arithmetic."""
+    head = next(line for line in ttir.splitlines() if "tt.func public" in line)
+    names = re.findall(r"%([A-Za-z_]\w*): ", head)
+    entry = re.search(r"\.entry (\w+)\(", ptx).group(1)
+    problems = []
+    for param in params:
+        load = re.search(rf"ld\.param\.\w+\s+(%\w+), \[{entry}_param_{names.index(param)}\];", ptx)
+        if load is None:
+            problems.append(f"{param}: not loaded (specialised away?)")
+            continue
+        reg = load.group(1)
+        uses = [line.strip() for line in ptx.splitlines()
+                if re.search(re.escape(reg) + r"\b", line) and "ld.param" not in line]
+        narrow = [line for line in uses if NARROW.search(line)]
+        widened = reg.startswith("%rd") or any(re.match(r"cvt\.[su]64\.[su]32|(?:mul|mad)\.wide\.[su]32", line)
+                                               for line in uses)
+        if narrow:
+            problems.append(f"{param}: 32-bit index arithmetic: {narrow[0]}")
+        elif not widened:
+            problems.append(f"{param}: never widened to 64 bits")
+    return problems
+
+
+def index_width_jobs():
+    """(kernel name, constexprs, parameters) of each compilation the 64-bit index check needs."""
+    for name, (layout, params) in WIDE_INDEX.items():
+        _, _, _, layouts, flag_sets, _ = KERNELS[name]
+        fixed = {k: v for k, v in {**flag_sets[1], **layouts[layout]}.items() if k not in params}
+        variants = [{**fixed, "ONE_SLOT": v} for v in (False, True)] if "ONE_SLOT" in fixed else [fixed]
+        for flags in variants:
+            yield name, flags, params
+
+
+def check_index_width() -> int:
+    """Compile each kernel of WIDE_INDEX (first large config, bf16) and check its index products are 64-bit."""
     failures = 0
+    for name, fixed, params in index_width_jobs():
+        tuner, configs, pointers, _, _, _ = KERNELS[name]
+        compiled = compile_one(tuner, pointers, fixed, configs[1], "bf16")
+        problems = narrow_index_problems(compiled.asm["ttir"], compiled.asm["ptx"], params)
+        failures += bool(problems)
+        flags = ",".join(k for k, v in fixed.items() if v is True) or "-"
+        print(f"{name:6} [{flags}] 64-bit index products of {', '.join(params)}"
+              + ("".join(f"  FAIL: {p}" for p in problems) or ": ok"), flush=True)
+    return failures
+
+
+# Shared memory per block (opt-in maximum) of the Ampere/Ada GPUs users train on, and of the H100.
+ARCH_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+R_MAX = 64  # the rank capacity compile_one compiles for (the slot blocks derive from it)
+
+
+def check_shared_memory(archs, quick: bool) -> int:
+    """Compile every pointer kernel with every config (the TMA kernel is sm_90a only) for ``archs`` and report its
+    shared memory against 99 / 163 / 227 KiB; fail where kernels.shared_memory (the rule that prunes configs before
+    they are tried) and the compiled size disagree about fitting any of the three. fp32 dots compile with both
+    precisions (PRECISION "tf32" and "ieee"). --quick: sm_86, the kernels with configs near a limit (fused, decode,
+    gradient partials), fp32 inputs and fp32 adapters beside bf16 with "ieee" (torch's default), the first
+    layout."""
+    SIZES = {"bf16": (2, 2), "fp32": (4, 4), "bf16+fp32 adapters": (2, 4)}
+    failures = 0
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for name, (tuner, configs, pointers, layouts, flag_sets, _) in KERNELS.items():
+            if name in ("tma", "finish") or (quick and name in ("shrink", "gemv")):
+                continue  # TMA: sm_90a only; finish: not autotuned (a few KiB); --quick: the kernels near a limit
+            for dtype, precision in [(d, p) for d in (("fp32", "bf16+fp32 adapters") if quick else DTYPES)
+                                     for p in (("ieee",) if quick else ("tf32", "ieee") if d != "bf16" else ("tf32",))]:
+                for layout, layout_fixed in list(layouts.items())[:1 if quick else None]:
+                    for config in configs:
+                        fixed = {**flag_sets[1], **layout_fixed, "PRECISION": precision}
+                        smem = compile_one(tuner, pointers, fixed, config, dtype, target).metadata.shared
+                        rule = kernels.shared_memory(name, config, *SIZES[dtype], R_MAX, precision)
+                        fits = " ".join(f"{limit // 1024}K:{'y' if smem <= limit else 'n'}"
+                                        for limit in sorted(set(ARCH_LIMITS.values())))
+                        wrong = [limit // 1024 for limit in set(ARCH_LIMITS.values())
+                                 if (smem <= limit) != (rule <= limit)]
+                        failures += bool(wrong)
+                        print(f"sm_{arch} {name:6} {layout:5} {dtype} {precision} {config.kwargs} "
+                              f"stages={config.num_stages}: "
+                              f"smem {smem // 1024} KiB (rule {rule // 1024} KiB) fits {fits}"
+                              + (f"  FAIL: the rule disagrees at {wrong} KiB" if wrong else ""), flush=True)
+    return failures
+
+
+def check_precision() -> int:
+    """The fp32 fused kernel compiled with PRECISION "ieee" (torch's "highest") has no tf32 tensor core instruction;
+    with "tf32" it has (sm_90a: wgmma ... tf32); bf16 inputs with fp32 adapters under "ieee" keep bf16 wgmma for the
+    GEMM and no tf32."""
+    tuner, configs, pointers, layouts, flag_sets, _ = KERNELS["fused"]
+    failures = 0
+    for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16+fp32 adapters", "ieee")):
+        ptx = compile_one(tuner, pointers, {**flag_sets[1], **layouts["y"], "PRECISION": precision}, configs[1],
+                          dtype).asm["ptx"]
+        tf32 = bool(re.search(r"(?:wgmma|mma)\S*\.tf32", ptx))
+        bf16 = bool(re.search(r"(?:wgmma|mma)\S*\.bf16", ptx))
+        ok = tf32 == (precision == "tf32") and bf16 == (dtype != "fp32")  # the bf16 GEMM keeps its tensor cores
+        failures += not ok
+        print(f"fused {dtype} {precision}: {'tf32 mma' if tf32 else 'no tf32'}{', bf16 mma' if bf16 else ''}"
+              + ("" if ok else "  FAIL"), flush=True)
+    return failures
+
+
+def main() -> int:
+    if "--arch" in sys.argv:  # the pointer kernels on Ampere / Ada: shared memory and the pruning rule
+        quick = "--quick" in sys.argv
+        return 1 if check_shared_memory((86,) if quick else (80, 86, 89), quick) else 0
+    if "--precision" in sys.argv:
+        return 1 if check_precision() else 0
+    failures = check_index_width()
+    if "--index-width" in sys.argv:
+        return 1 if failures else 0
+    failures += check_precision()
     seen = set()
     for name, layout, fixed in every_flag_combination():
         tuner, configs, pointers, _, _, _ = KERNELS[name]

@@ -112,17 +112,20 @@ def test_dispatch_env_restricts_the_families(monkeypatch):
 
 
 def test_router_times_on_first_call_only(monkeypatch):
-    """backends._choose on a (pretend) CUDA device: the dispatcher measures the candidates once per key,
+    """backends._first_call on a (pretend) CUDA device: the dispatcher measures the candidates once per key,
     the chosen kernel is cached, and the call returns its result."""
     timer = FakeTimer({"cublas": 2.0, "triton": 1.0})
     monkeypatch.setattr(backends, "DISPATCHER", dispatch.Dispatcher(timer=timer, capturing=lambda: False,
                                                                      cache_dir=None))
     monkeypatch.setattr(backends, "_device_name", lambda device: "FakeGPU")
+    monkeypatch.setattr(backends, "_capturing", lambda device: False)
     monkeypatch.setattr(backends, "_CHOSEN", {})
     kernels = {name: (lambda *args, name=name: name) for name in ("cublas", "triton")}
     key = ("forward", "auto", torch.device("cuda", 0), 64)
-    kernel = backends._choose(key, kernels, (), torch.device("cuda", 0))
-    assert kernel() == "triton" and backends._CHOSEN[key] is kernel and len(timer.calls) == 2
+    x = torch.empty(2, 3, device="meta")
+    x_on_gpu = type("X", (), {"device": torch.device("cuda", 0), "dtype": x.dtype, "shape": x.shape})()
+    assert backends._first_call(key, kernels, (), x_on_gpu, torch.ones(2), 4, False) == "triton"
+    assert backends._CHOSEN[key] is kernels["triton"] and len(timer.calls) == 2
     assert backends.DISPATCHER.memory == {("FakeGPU", "forward", "auto", 64): "triton"}  # the device index is not kept
 
 

@@ -1,8 +1,9 @@
 """The Triton backend of the dylora ops: the kernel contract (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-    forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant="pointer") -> (y, u)
+    forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant="pointer", precision=None,
+            tuned=True) -> (y, u)
     backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-             variant="pointer") -> (dx, dA, dB)
+             variant="pointer", precision=None, tuned=True) -> (dx, dA, dB)
     variants(op, x, weight, lora_A, lora_B) -> the variants that can run for these inputs ("pointer" always)
 
 x (M, K) and grad (M, N) are 2-D with any strides; weight (N, K) or None; bias (N,) or None; base (M, N) or None
@@ -10,6 +11,10 @@ x (M, K) and grad (M, N) are 2-D with any strides; weight (N, K) or None; bias (
 base share one dtype D ∈ {fp16, bf16, fp32}; lora_A and lora_B share one dtype Da (may differ from D). y and dx
 are in D, u in fp32 (M, R) (zero beyond each row's rank), dA and dB in Da. ``rank`` is an integer tensor on x's
 device (any integer dtype), 0-d or (M,): rows whose rank is outside [1, R] get NaN in y, u and dx and make dA/dB NaN.
+
+``precision`` ("ieee" / "tf32"; None: "tf32", triton's default) is how dots with fp32 operands run on the GPU
+(the kernels' PRECISION constexpr; the interpreter computes them in fp32 either way); ``tuned=False`` runs fixed
+configs (the first that fits per shape bucket, nothing timed: deterministic results).
 
 Variants: "pointer" (pointer-based tiles, any GPU and the interpreter); "decode" (forward, M ≤ 16: one launch);
 "tma" (sm_90+, fp16/bf16, TMA-aligned x and weight: a persistent TMA GEMM for y and dx). The backward's "tma"
@@ -63,7 +68,8 @@ def variants(op: str, x, weight, lora_A, lora_B) -> list[str]:
     return out
 
 
-def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant="pointer"):
+def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant="pointer", precision=None,
+            tuned=True):
     """(y, u): y = x·Wᵀ + bias + base + (alpha/b_m)·u·B[:, :b_m]ᵀ in x's dtype, u = x·A[:b_m]ᵀ fp32 (M, R);
     u is an empty tensor unless need_u (the op's contract; "pointer" and "tma" compute it anyway)."""
     M, N, R = x.shape[0], lora_B.shape[0], lora_A.shape[0]
@@ -72,19 +78,19 @@ def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant=
     with _device_of(x):
         if variant == "decode":
             u = torch.empty(M, R, device=x.device, dtype=torch.float32) if need_u else None
-            kernels.decode_linear(x, weight, bias, base, lora_A, lora_B, rank, alpha, y, u)
+            kernels.decode_linear(x, weight, bias, base, lora_A, lora_B, rank, alpha, y, u, precision, tuned)
             return y, (u if need_u else x.new_empty(0, dtype=torch.float32))
         u = torch.empty(M, R, device=x.device, dtype=torch.float32)
-        kernels.shrink(x, lora_A, rank, u)
+        kernels.shrink(x, lora_A, rank, u, precision=precision, tuned=tuned)
         if variant == "tma" and weight is not None:
-            hopper.fused_linear(x, weight, False, bias, base, u, lora_B, rank, alpha, y)
+            hopper.fused_linear(x, weight, False, bias, base, u, lora_B, rank, alpha, y, tuned, precision)
         else:
-            kernels.fused_linear(x, weight, bias, base, u, lora_B, rank, alpha, y)
+            kernels.fused_linear(x, weight, bias, base, u, lora_B, rank, alpha, y, precision, tuned)
     return y, (u if need_u else u.new_empty(0))
 
 
 def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-             variant="pointer"):
+             variant="pointer", precision=None, tuned=True):
     """(dx, dA, dB): dx = g·W + (alpha/b_m)·v·A[:b_m] with v = g·B[:, :b_m] (empty unless compute_dx); dA and dB
     on the trained slots (< b_m, or b_m - 1 in frozen-prefix mode), exactly zero elsewhere (empty unless
     compute_lora). u is the forward's (M, R) fp32 intermediate."""
@@ -100,22 +106,24 @@ def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, com
     with _device_of(x):
         v = torch.empty(M, R, device=device, dtype=torch.float32)
         fold = torch.empty(kernels.cdiv(M, 16), N, device=device, dtype=torch.float32) if one_slot else None
-        n_fold = kernels.shrink(grad, lora_B.t(), rank, v, fold_u=u if one_slot else None, fold=fold)
+        n_fold = kernels.shrink(grad, lora_B.t(), rank, v, fold_u=u if one_slot else None, fold=fold,
+                                precision=precision, tuned=tuned)
         if compute_dx:
             dx = torch.empty(M, K, device=device, dtype=x.dtype)
             if variant == "tma" and weight is not None and hopper.applies(grad, weight, K):
-                hopper.fused_linear(grad, weight, True, None, None, v, lora_A.t(), rank, alpha, dx)
+                hopper.fused_linear(grad, weight, True, None, None, v, lora_A.t(), rank, alpha, dx, tuned, precision)
             else:
                 kernels.fused_linear(grad, None if weight is None else weight.t(), None, None, v, lora_A.t(), rank,
-                                     alpha, dx)
+                                     alpha, dx, precision, tuned)
         if compute_lora:
             dA = torch.empty(R, K, device=device, dtype=lora_A.dtype)
             dB = torch.empty(N, R, device=device, dtype=lora_B.dtype)
             if one_slot:
-                kernels.frozen_grad(v, x, rank, alpha, dA)
+                kernels.frozen_grad(v, x, rank, alpha, dA, tuned)
                 kernels.finish(fold, n_fold, rank, alpha, True, dB.t())
             else:
-                kernels.lora_grad(v, x, rank, alpha, frozen_prefix, dA)
-                kernels.lora_grad(u, grad, rank, alpha, frozen_prefix, dB.t())  # dBᵀ[j, n] = Σ_m s_m·u[m, j]·g[m, n]
+                kernels.lora_grad(v, x, rank, alpha, frozen_prefix, dA, precision, tuned)
+                # dBᵀ[j, n] = Σ_m s_m·u[m, j]·g[m, n]
+                kernels.lora_grad(u, grad, rank, alpha, frozen_prefix, dB.t(), precision, tuned)
     return dx, dA, dB
 

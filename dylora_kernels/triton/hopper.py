@@ -53,7 +53,7 @@ def _fused_linear_tma_kernel(
         Y_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
         BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
-        R_BLOCKS: tl.constexpr):
+        R_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + X·Yᵀ + [bias] + [base], persistent over output tiles.
 
     X (M, K) and Y ((N, K), or (K, N) with Y_KN) through TMA descriptors; U (M, R) fp32, Z (N, R), bias, base
@@ -77,7 +77,7 @@ def _fused_linear_tma_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
             acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
-                                stride_zr, BLOCK_M, BLOCK_N, BLOCK_R)
+                                stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
         for ki in range(k_tiles):
             x = x_desc.load([m0, ki * BLOCK_K])
             if Y_KN:
@@ -86,7 +86,7 @@ def _fused_linear_tma_kernel(
                 acc = tl.dot(x, y_desc.load([n0, ki * BLOCK_K]).T, acc)
         if FLATTEN:
             acc = _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
-                                stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, R_BLOCKS)
+                                stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, R_BLOCKS, PRECISION)
 
         if EPILOGUE_SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) stores: half the shared-memory store buffer
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -158,18 +158,20 @@ def _config_name(c: triton.Config) -> str:
             f"w{c.num_warps} s{c.num_stages}" + (" flat" if k["FLATTEN"] else ""))
 
 
-def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
+def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out, tuned=True, precision=None) -> torch.Tensor:
     """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + x·Wᵀ + [bias] + [base] for x (M, K) and the weight ``w`` as
     stored: (N, K) (the forward), or (K, N) with ``w_kn`` (the backward's Wᵀ, read without a copy); u (M, R) fp32,
-    z (N, R), out (M, N) contiguous. Callers check ``applies`` first."""
+    z (N, R), out (M, N) contiguous. Callers check ``applies`` first. ``tuned=False``: the first config that
+    ``_prune`` keeps, nothing timed (deterministic results). ``precision``: how the low-rank term's dots run when the
+    adapters are fp32 ("ieee" / "tf32"; None: "tf32")."""
     M, K = x.shape
     N, R = z.shape
     sms = num_sms(x.device)
     block_r = seed_block_r(R)
     flags = dict(Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None, PER_ROW=rank.dim() == 1,
-                 BLOCK_R=block_r, NUM_SMS=sms, R_BLOCKS=cdiv(R, block_r))
+                 BLOCK_R=block_r, NUM_SMS=sms, R_BLOCKS=cdiv(R, block_r), PRECISION=precision or "tf32")
     key = (bucket(M), bucket(N), bucket(K), x.dtype, z.dtype, rank.dtype, *flags.values())
-    config = _CHOSEN.get(key)
+    config = _CHOSEN.get(key) if tuned else _prune(CONFIGS, dict(M_BUCKET=key[0], N_BUCKET=key[1], K_BUCKET=key[2]))[0]
     if config is None:
         config = _choose_config(key, x, w, bias, base, u, z, rank, alpha, out, flags)
     return _run(config, x, w, bias, base, u, z, rank, alpha, out, flags)

@@ -117,6 +117,53 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs[1:] if c.kwargs.get("BLOCK_M") != 16]
 
 
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one block may use on ``device`` (opt-in maximum: 99 KiB on sm_86/89, 163 KiB on sm_80,
+    227 KiB on sm_90); None (no limit) off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def shared_memory(kernel: str, config, in_bytes: int, adapter_bytes: int, r_max: int, precision: str = "tf32") -> int:
+    """Bytes of shared memory ``kernel`` takes with ``config``, from its pipelined tiles: (num_stages - 1) buffers of
+    the main loop's operand tiles, plus the layout-conversion scratch the compiler adds beside them. Matches the
+    compiled kernels for sm_80/86/89 at the 99/163/227 KiB limits (tests/sm90_compile.py --arch checks it)."""
+    k, buffers = config.kwargs, max(config.num_stages - 1, 1)
+    BM, BK, BN = k.get("BLOCK_M", DECODE_MAX_M), k["BLOCK_K"], k.get("BLOCK_N", 0)
+    if kernel == "fused":  # x and y tiles; fp32 adapters beside 16-bit inputs: the seed's u tile stays apart
+        extra = BM * seed_block_r(r_max) * 4 if adapter_bytes > in_bytes else 0
+        return buffers * (BM * BK + BK * BN) * in_bytes + extra
+    if kernel == "decode":  # x, w and A tiles; IEEE fp32 dots against fp32 adapters: x's tile upcast, once
+        upcast = BM * BK * 4 if adapter_bytes > in_bytes and precision == "ieee" else 0
+        return (buffers * ((BM * BK + BK * BN) * in_bytes + BK * next_power_of_2(max(16, r_max)) * adapter_bytes)
+                + upcast)
+    if kernel == "shrink":  # x and y tiles
+        return buffers * (BM * BK * in_bytes + BK * block_r(r_max) * adapter_bytes)
+    if kernel == "grad":  # fp32 P and Q tiles, and P's transpose in Q's dtype
+        return buffers * (BM * BK * in_bytes + BM * block_r(r_max) * 4) + BM * block_r(r_max) * in_bytes
+    return 0  # gemv, finish: a few KiB
+
+
+# Per kernel: (the operand whose dtype is the input's, the adapter-side operand) among its pointer arguments.
+_SHARED_MEMORY_OPERANDS = {"fused": ("x_ptr", "z_ptr"), "decode": ("x_ptr", "a_ptr"), "shrink": ("x_ptr", "y_ptr"),
+                           "grad": ("q_ptr", "p_ptr"), "gemv": ("q_ptr", "p_ptr")}
+
+
+def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
+    """``_prune``, then only the configs whose shared memory fits the device (``shared_memory`` against
+    ``shared_memory_limit``: checked before a config is compiled or tried; the small config when none fits). With
+    ``fixed`` (deterministic results) only the first of them: no timing decides."""
+    kept = _prune(configs, named_args, **kwargs)
+    main, side = (named_args[name] for name in _SHARED_MEMORY_OPERANDS[kernel])
+    limit = shared_memory_limit(main.device)
+    if limit is not None:
+        sizes = (main.element_size(), side.element_size(), named_args["R"], kwargs.get("PRECISION", "tf32"))
+        kept = [c for c in kept if shared_memory(kernel, c, *sizes) <= limit] or configs[:1]
+    return kept[:1] if fixed else kept
+
+
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20
 
 
@@ -130,13 +177,14 @@ def autotune_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
-def _autotune(kernel: str, *flags: str):
+def _autotune(kernel: str, *flags: str, fixed: bool = False):
     """The autotuner of one kernel: keyed on the shape buckets, the operand layout code and the constexpr
     ``flags`` that change the best config (mode, per-row ranks, bias/base, ...), never on a rank value. The
-    autotuner adds every tensor argument's dtype to the key itself. Timings persist on disk."""
+    autotuner adds every tensor argument's dtype to the key itself. Timings persist on disk. ``fixed``: one config
+    per key, the first that fits (``_prune_for``), nothing timed (deterministic results)."""
     return triton.autotune(configs=_configs(kernel), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", *flags],
-                           prune_configs_by={"early_config_prune": _prune}, cache_results=True,
-                           do_bench=autotune_bench)
+                           prune_configs_by={"early_config_prune": functools.partial(_prune_for, kernel, fixed)},
+                           cache_results=not fixed, do_bench=autotune_bench)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -237,26 +285,27 @@ def _scale_slots(p, offs_r, b, ONE_HOT: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc):
-    """acc + a·b for two storage-dtype operands: as they are when their dtypes agree, in fp32 (tf32 on the GPU)
-    when they differ (mixed precision: bf16 activations, fp32 adapters)."""
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a·b for two storage-dtype operands: as they are when their dtypes agree, in fp32 when they differ
+    (mixed precision: bf16 activations, fp32 adapters). fp32 operands multiply as PRECISION says ("ieee" or "tf32":
+    torch's matmul precision, backends.matmul_precision_key)."""
     if a.dtype == b.dtype:
-        return tl.dot(a, b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale):
+def _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale, PRECISION: tl.constexpr):
     """acc + ((u ⊙ [j < b_m]) · scale / b_m)·Z[offs_n, offs_r]ᵀ for one block of slots; Z's slots at or beyond r_end
     (the tile's largest rank) are not read. u is fp32, cast to Z's dtype after the scaling."""
     z = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :].to(tl.int64) * stride_zn,
                 mask=(offs_r[:, None] < r_end) & (offs_n[None, :] < N), other=0.0)
-    return tl.dot((_scale_slots(u, offs_r, b, False) * scale).to(z.dtype), z, acc)
+    return tl.dot((_scale_slots(u, offs_r, b, False) * scale).to(z.dtype), z, acc, input_precision=PRECISION)
 
 
 @triton.jit
 def _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """The fp32 tile alpha·Σ_j (U[m, j]/b_m)·Z[n, j] over j < b_m: what a fused GEMM starts its accumulator from
     (the low-rank term goes in before the K loop, so the epilogue holds nothing extra). Slot blocks run up to the
     tile's largest rank; U and Z are not read beyond it. alpha multiplies the fp32 sum, so a 16-bit operand never
@@ -265,13 +314,14 @@ def _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, strid
     r_end = tl.max(b, axis=0)
     for r0 in range(0, r_end, BLOCK_R):
         acc = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn,
-                             stride_zr, BLOCK_R, acc, 1.0)
+                             stride_zr, BLOCK_R, acc, 1.0, PRECISION)
     return acc * alpha
 
 
 @triton.jit
 def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """acc + the low-rank term, its R_BLOCKS slot blocks unrolled at compile time (each masked at the tile's largest
     rank, so blocks past it read nothing; no loop: what a flattened persistent loop nest can hold, a loop inside it
     stops the flattening), accumulated into acc itself: a second accumulator tile spills registers there (sm_90a).
@@ -285,7 +335,7 @@ def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, 
     r_end = tl.max(b, axis=0)
     for i in tl.static_range(R_BLOCKS):
         term = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
-                              stride_zn, stride_zr, BLOCK_R, term, scale)
+                              stride_zn, stride_zr, BLOCK_R, term, scale, PRECISION)
     if apart:
         return acc + term * alpha
     return term
@@ -293,13 +343,13 @@ def _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, 
 
 @triton.jit
 def _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, r0, M, N, stride_um, stride_ur, stride_zn, stride_zr,
-                   BLOCK_R: tl.constexpr, acc, scale):
+                   BLOCK_R: tl.constexpr, acc, scale, PRECISION: tl.constexpr):
     """acc + the slot block [r0, r0 + BLOCK_R) of the low-rank term times ``scale`` (U loaded here; nothing at or
     past r_end)."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     u = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_end), other=0.0)
-    return _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale)
+    return _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr, acc, scale, PRECISION)
 
 
 @triton.jit
@@ -309,7 +359,8 @@ def _epilogue(acc, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias, s
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BASE:
-        acc += tl.load(base_ptr + offs_m[:, None].to(tl.int64) * stride_basem + offs_n[None, :] * stride_basen,
+        acc += tl.load(base_ptr + offs_m[:, None].to(tl.int64) * stride_basem
+                       + offs_n[None, :].to(tl.int64) * stride_basen,
                        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
     return tl.where(bad[:, None], float("nan"), acc)
 
@@ -327,7 +378,7 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
-                 stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K: tl.constexpr):
+                 stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """acc + X[offs_m, :K] · Y[offs_n, :K]ᵀ, masked at every edge (K = 0 returns acc)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
@@ -336,7 +387,7 @@ def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
         k_in = offs_k < K - k0
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
         y = tl.load(y_ptrs, mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = _dot(x, y, acc)
+        acc = _dot(x, y, acc, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         y_ptrs += BLOCK_K * stride_yk
     return acc
@@ -357,8 +408,8 @@ def _shrink_kernel(
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        PER_ROW: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        PER_ROW: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (M, R) fp32 = (X·Yᵀ) ⊙ [j < b_m], NaN rows where b_m is out of range: u = x·A[:b]ᵀ or v = g·B[:, :b].
 
     FOLD (v with one shared rank in frozen-prefix mode): the slot-block-0 program of row block p also writes
@@ -391,10 +442,10 @@ def _shrink_kernel(
         y_ptrs += BLOCK_K * stride_yk
         y_next = tl.load(y_ptrs, mask=(offs_k[:, None] < K - k0 - BLOCK_K) & slots_used, other=0.0)
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
-        acc = _dot(x, y, acc)
+        acc = _dot(x, y, acc, PRECISION)
         if FOLD:
             part = tl.sum(w[:, None] * x.to(tl.float32), axis=0)
-            tl.store(fold_ptr + pid_m * stride_fp + (k0 + offs_k).to(tl.int64) * stride_fk, part,
+            tl.store(fold_ptr + pid_m.to(tl.int64) * stride_fp + (k0 + offs_k).to(tl.int64) * stride_fk, part,
                      mask=k_in & fold_here)
         x_ptrs += BLOCK_K * stride_xk
 
@@ -418,8 +469,8 @@ def _fused_linear_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr):
+        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + [X·Yᵀ] + [bias] + [base]: the forward y and the backward dx.
 
     X (M, K), Y (N, K), U (M, R) fp32, Z (N, R), base (M, N). The accumulator starts as the low-rank term, the GEMM
@@ -430,10 +481,10 @@ def _fused_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
     acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
-                        BLOCK_M, BLOCK_N, BLOCK_R)
+                        BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
     if HAS_W:
         acc = _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
-                           stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K)
+                           stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K, PRECISION)
     acc = _epilogue(acc, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem, stride_basen,
                     HAS_BIAS, HAS_BASE)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
@@ -454,8 +505,8 @@ def _decode_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        NEED_U: tl.constexpr, R_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        NEED_U: tl.constexpr, R_CAP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole forward for M ≤ BLOCK_M rows in one launch, one program per N-tile:
     y = x·Wᵀ + s_m·(u ⊙ [j < b_m])·B[:, :R_CAP]ᵀ + bias + base with u = x·A[:b]ᵀ accumulated in the same K loop
     (every program recomputes u: at this M it costs a re-read of A[:b] from L2, no extra launch, no extra pass over
@@ -476,15 +527,15 @@ def _decode_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
         if HAS_W:
-            w = tl.load(w_ptr + k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
+            w = tl.load(w_ptr + k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
                         mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
-            acc = _dot(x, w, acc)
+            acc = _dot(x, w, acc, PRECISION)
         a = tl.load(a_ptr + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                     mask=k_in[:, None] & (offs_r[None, :] < r_end), other=0.0)
-        u = _dot(x, a, u)
+        u = _dot(x, a, u, PRECISION)
 
     low_rank = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr,
-                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0)
+                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0, PRECISION)
     acc = _epilogue(acc + alpha * low_rank, offs_m, offs_n, bad, M, N, bias_ptr, base_ptr, stride_bias,
                     stride_basem, stride_basen, HAS_BIAS, HAS_BASE)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on
@@ -507,7 +558,7 @@ def _lora_grad_kernel(
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr,
+        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, j, k] (fp32) = Σ_{m in split s} trained(m, j)·(P[m, j]/b_m)·Q[m, k]: one split of dA = (v/b)ᵀ·x or
     dBᵀ = (u/b)ᵀ·g over M (grid: slot blocks × K blocks × splits, so M ≥ 2048 fills the GPU).
@@ -537,13 +588,13 @@ def _lora_grad_kernel(
         rows = offs_m[:, None] < m_stop
         p = tl.load(p_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_r[None, :] * stride_pr,
                     mask=rows & (offs_r[None, :] < R), other=0.0)
-        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qk,
+        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :].to(tl.int64) * stride_qk,
                     mask=rows & (offs_k[None, :] < K), other=0.0)
         b, bad = _row_ranks(rank_ptr, offs_m, m_stop, R, PER_ROW)
         p = tl.where(bad[:, None], float("nan"), _scale_slots(p, offs_r, b, ONE_HOT))
-        acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc)
+        acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc, input_precision=PRECISION)
 
-    part_ptrs = part_ptr + pid_s * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
+    part_ptrs = part_ptr + pid_s.to(tl.int64) * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
     tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
 
@@ -571,7 +622,7 @@ def _frozen_gemv_kernel(
     # No dot, so no software pipelining by the compiler: the next row block is loaded one iteration ahead by hand.
     offs_m = m_start + tl.arange(0, BLOCK_M)
     w_ptrs = p_ptr + offs_m.to(tl.int64) * stride_pm + (b - 1) * stride_pr
-    q_ptrs = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qk
+    q_ptrs = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :].to(tl.int64) * stride_qk
     rows = offs_m < m_stop
     w_next = tl.load(w_ptrs, mask=rows, other=0.0)
     q_next = tl.load(q_ptrs, mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -585,7 +636,7 @@ def _frozen_gemv_kernel(
         q_next = tl.load(q_ptrs, mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
         acc += w[:, None] * q.to(tl.float32)
     part = tl.sum(acc, axis=0) / tl.maximum(b, 1).to(tl.float32)
-    tl.store(part_ptr + pid_s * stride_ws + offs_k * stride_wk, part, mask=offs_k < K)
+    tl.store(part_ptr + pid_s.to(tl.int64) * stride_ws + offs_k * stride_wk, part, mask=offs_k < K)
 
 
 @_jit
@@ -610,16 +661,19 @@ def _finish_kernel(
         first = tl.program_id(0) * BLOCK_R
         s_end = tl.where((first <= b - 1) & (b - 1 < first + BLOCK_R), n_parts, 0)  # other blocks read nothing
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for s in range(0, s_end):
-            acc += tl.load(part_ptr + s * stride_ws + offs_k * stride_wk, mask=offs_k < K, other=0.0)
+        part_ptrs = part_ptr + offs_k * stride_wk
+        for s in range(0, s_end):  # the pointer steps over the splits: 64-bit (S·R·K may exceed 2^31)
+            acc += tl.load(part_ptrs, mask=offs_k < K, other=0.0)
+            part_ptrs += stride_ws
         out = tl.where(offs_r[:, None] == b - 1, alpha * acc[None, :], 0.0)
         out = tl.where(bad, float("nan"), out)
     else:
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-        for s in range(0, n_parts):
-            acc += tl.load(part_ptr + s * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
-                           mask=mask, other=0.0)
+        part_ptrs = part_ptr + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
+        for s in range(0, n_parts):  # as above
+            acc += tl.load(part_ptrs, mask=mask, other=0.0)
+            part_ptrs += stride_ws
         out = alpha * acc
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_k[None, :].to(tl.int64) * stride_ok
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
@@ -629,16 +683,29 @@ def _finish_kernel(
 # Launchers: one per kernel, taking 2-D views (any strides) and writing into the given outputs
 # --------------------------------------------------------------------------------------------
 # After the first call per key, each kernel launches straight through its compiled binary (launch.py).
-_launch = {name: Launcher(kernel) for name, kernel in (
-    ("shrink", _shrink_kernel), ("fused", _fused_linear_kernel), ("decode", _decode_kernel),
-    ("finish", _finish_kernel), ("grad", _lora_grad_kernel), ("gemv", _frozen_gemv_kernel))}
+_KERNELS = (("shrink", _shrink_kernel), ("fused", _fused_linear_kernel), ("decode", _decode_kernel),
+            ("finish", _finish_kernel), ("grad", _lora_grad_kernel), ("gemv", _frozen_gemv_kernel))
+_launch = {name: Launcher(kernel) for name, kernel in _KERNELS}
+# The same kernels with fixed configs (``tuned=False``: deterministic results), through their own autotuners.
+_launch_fixed = {name: Launcher(_autotune(name, *kernel.keys[4:], fixed=True)(kernel.fn) if name != "finish"
+                                else kernel) for name, kernel in _KERNELS}
+
+
+def _launcher(name: str, tuned: bool) -> Launcher:
+    return (_launch if tuned else _launch_fixed)[name]
+
+
+def _options(constexprs: dict, precision: str | None) -> dict:
+    """The launch's constexprs, plus PRECISION: how dots with fp32 operands run ("ieee" / "tf32"; None, when no
+    operand is fp32: "tf32", triton's default, which 16-bit dots ignore)."""
+    return {**constexprs, "PRECISION": precision or "tf32"}
 
 
 def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
     return (0,) * dims if t is None else tuple(t.stride())
 
 
-def shrink(x, y, rank, out, fold_u=None, fold=None) -> int:
+def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True) -> int:
     """out (M, R) fp32 = (x·yᵀ) ⊙ [j < b_m] for x (M, K), y (R, K). With ``fold_u`` (one shared rank) also
     fold[p, k] = Σ_{m in row block p} (fold_u[m, b-1]/b)·x[m, k] for fold (≥ cdiv(M, 16), K) fp32. Returns the
     number of row blocks written to ``fold`` (0 without it)."""
@@ -652,23 +719,24 @@ def shrink(x, y, rank, out, fold_u=None, fold=None) -> int:
         return cdiv(M, meta["BLOCK_M"]), cdiv(R, BLOCK_R)
 
     FOLD = fold_u is not None
-    _launch["shrink"](grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(), *out.stride(),
-                             *_strides(fold_u), *_strides(fold), bucket(M), bucket(R), bucket(K), layout(x, y)),
-                      dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R))
+    _launcher("shrink", tuned)(grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(),
+                                      *out.stride(), *_strides(fold_u), *_strides(fold), bucket(M), bucket(R),
+                                      bucket(K), layout(x, y)),
+                               _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R), precision))
     return cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
-def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
+def fused_linear(x, y, bias, base, u, z, rank, alpha, out, precision=None, tuned=True) -> torch.Tensor:
     """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + [x·yᵀ] + [bias] + [base] for x (M, K), y (N, K) or None,
     u (M, R), z (N, R), base (M, N) or None."""
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _launch["fused"](grid, (x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
-                            *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
-                            *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
-                     dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                          PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R)))
+    _launcher("fused", tuned)(grid, (x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
+                                     *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
+                                     *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
+                              _options(dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                                            PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R)), precision))
     return out
 
 
@@ -677,19 +745,19 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out) -> torch.Tensor:
 DECODE_MAX_M, DECODE_MAX_R = 16, 64
 
 
-def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u) -> torch.Tensor:
+def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u, precision=None, tuned=True) -> torch.Tensor:
     """out (M ≤ 16, N) = x·wᵀ + (alpha/b_m)·(x·aᵀ ⊙ [j < b_m])·zᵀ + [bias] + [base] in one launch; writes u
     (M, R) fp32 when it is not None."""
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]),)
-    _launch["decode"](grid, (x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
-                             *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
-                             *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
-                             layout(x, w, a, z)),
-                      dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                           PER_ROW=rank.dim() == 1, NEED_U=u is not None,
-                           R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M))
+    _launcher("decode", tuned)(grid, (x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
+                                      *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
+                                      *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
+                                      layout(x, w, a, z)),
+                               _options(dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
+                                             PER_ROW=rank.dim() == 1, NEED_U=u is not None,
+                                             R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M), precision))
     return out
 
 
@@ -706,7 +774,7 @@ def finish(part, n_parts, rank, alpha, one_slot, out) -> torch.Tensor:
     return out
 
 
-def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
+def lora_grad(p, q, rank, alpha, frozen_prefix, out, precision=None, tuned=True) -> torch.Tensor:
     """out (R, K) = Σ_m (alpha/b_m)·trained(m, j)·p[m, j]·q[m, k] for p (M, R) fp32, q (M, K): fp32 partials over
     splits of M, then the fixed-order reduction (deterministic for a given M, device and config)."""
     M, K = q.shape
@@ -715,19 +783,20 @@ def lora_grad(p, q, rank, alpha, frozen_prefix, out) -> torch.Tensor:
     splits, rows = split_rows(M, cdiv(R, BLOCK_R) * cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(R, BLOCK_R) * cdiv(K, meta["BLOCK_K"]), splits)
-    _launch["grad"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                           bucket(M), bucket(R), bucket(K), layout(p, q)),
-                    dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R))
+    _launcher("grad", tuned)(grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                                    bucket(M), bucket(R), bucket(K), layout(p, q)),
+                             _options(dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R),
+                                      precision))
     return finish(part, splits, rank, alpha, False, out)
 
 
-def frozen_grad(p, q, rank, alpha, out) -> torch.Tensor:
+def frozen_grad(p, q, rank, alpha, out, tuned=True) -> torch.Tensor:
     """out (R, K): row b-1 = (alpha/b)·p[:, b-1]ᵀ·q for one shared rank b, every other row exactly 0."""
     M, K = q.shape
     R = p.shape[1]
     splits, rows = split_rows(M, cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), splits)
-    _launch["gemv"](grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                           bucket(M), bucket(R), bucket(K), layout(p, q)), {})
+    _launcher("gemv", tuned)(grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
+                                    bucket(M), bucket(R), bucket(K), layout(p, q)), {})
     return finish(part, splits, rank, alpha, True, out)

@@ -19,10 +19,13 @@ from __future__ import annotations
 import os
 from itertools import repeat
 
+import torch
 import triton
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
 from triton.runtime.driver import driver
+
+from ..backends import CaptureError
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -81,7 +84,11 @@ class Launcher:
         return self._launch(kernel, grid_xyz, active.get_current_stream(device), (*args, *tail))
 
     def _through_triton(self, grid, args, constexprs):
-        """triton's own launch (autotuning and compiling on first use); the compiled kernel it ran."""
+        """triton's own launch (autotuning and compiling on first use); the compiled kernel it ran. Never inside
+        CUDA-graph capture: autotuning would time configs there, so a launch not seen eagerly raises."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise CaptureError(f"dylora: {self.fn.__name__} would compile or autotune for a new specialisation during "
+                               "CUDA-graph capture; run the same step once eagerly (a warm-up) before capturing")
         kernel = self.tuner[grid](*args, **constexprs)
         return kernel.result() if hasattr(kernel, "result") else kernel  # an asynchronous compilation
 
