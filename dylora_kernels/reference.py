@@ -13,8 +13,9 @@ intermediate overflows where the result does not (in fp16, alpha·g alone overfl
 With a per-row rank tensor (one rank b_m per row of the flattened x) row m uses A[:b_m], B[:, :b_m]
 and alpha / b_m: the low-rank term is computed over the first max_m b_m slots (slots no row uses are
 never read) with per-row masks that select, not multiply, so a NaN in a slot a row does not use never
-reaches that row; 1/b_m divides u (it only shrinks it) and alpha enters the product as above. Adapters in another dtype than x (float32 adapters on a bfloat16 model) compute
-the low-rank term in their dtype, as PEFT does, and the result is cast to x's dtype.
+reaches that row; 1/b_m divides u (it only shrinks it) and alpha enters the product as above. Adapters
+in another dtype than x (float32 adapters on a bfloat16 model) compute the low-rank term in their
+dtype, as PEFT does, and the result is cast to x's dtype.
 This module is also the "naive slicing" baseline of the benchmarks: it is deliberately simple.
 """
 from __future__ import annotations
@@ -58,12 +59,12 @@ def dylora_linear(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A:
         if frozen_prefix:  # only row b-1 of A / column b-1 of B is trained
             A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]], dim=0)
             B_b = torch.cat([B_b[:, :-1].detach(), B_b[:, -1:]], dim=1)
-        term = scaled_product(x_lr @ A_b.t(), B_b, alpha / b)
+        term = _scaled_product(x_lr @ A_b.t(), B_b, alpha / b)
     term = term.to(x.dtype)
     return term if out is None else out + term
 
 
-def scaled_product(u: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+def _scaled_product(u: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     """``scale · u · lora_Bᵀ`` for u (..., r), lora_B (N, r), with the scale as the GEMM's alpha (see above)."""
     rows = math.prod(u.shape[:-1])  # not -1: u may have no elements
     out = torch.addmm(u.new_zeros(()), u.reshape(rows, u.shape[-1]), lora_B.t(), beta=0, alpha=scale)
@@ -80,7 +81,7 @@ def _per_row_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank: Tensor, alpha
     used, trained = rank_masks(rank, width, frozen_prefix)
     b = rank.reshape(-1, 1)
     zero = x.new_zeros(())
-    low_rank = lambda mask, u, B: scaled_product(torch.where(mask, u, zero) / b, B, alpha)
+    low_rank = lambda mask, u, B: _scaled_product(torch.where(mask, u, zero) / b, B, alpha)
     if not frozen_prefix:
         term = low_rank(used, x2 @ A.t(), B)
     else:
