@@ -65,6 +65,16 @@ at::ScalarType intermediate_dtype(const Tensor& x, const Tensor& lora_A) {
 // GEMM, on every call with a host (Python int) rank. Elsewhere (CPU, float64): both operands cast to `acc`.
 bool is_16bit(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
+// torch 2.13's CPU GEMM in bf16 (oneDNN, seen on an AVX-512-bf16 Xeon, not on every CPU) reads past the end of
+// the rows of an operand whose rows are not packed (a row-strided or column-padded view, K = 11): NaN in the
+// memory the view skips reaches the product (issue #22). Decided from the layout and dtype alone, never the
+// CPU: a 16-bit CPU operand that is neither row- nor column-major packed is copied before it enters a GEMM
+// (every other operand, fp32 included, is passed as it is).
+Tensor gemm_operand(const Tensor& t) {
+  const bool packed = t.is_contiguous() || t.t().is_contiguous();
+  return t.is_cpu() && is_16bit(t) && !packed ? t.contiguous() : t;
+}
+
 Tensor mm_in(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   if (a.is_cuda() && acc == at::kFloat && is_16bit(a)) return at::mm(a, b.to(a.scalar_type()), acc);
   return at::mm(a.to(acc), b.to(acc));
@@ -72,9 +82,9 @@ Tensor mm_in(const Tensor& a, const Tensor& b, at::ScalarType acc) {
 
 // out = seed + alpha · a · b in one GEMM: seed (M, N), (N,) broadcast, or none (out only written).
 Tensor scaled_mm(const Tensor& a, const Tensor& b, double alpha, const optional<Tensor>& seed) {
-  if (seed.has_value()) return at::addmm(*seed, a, b, 1.0, alpha);
+  if (seed.has_value()) return at::addmm(*seed, gemm_operand(a), gemm_operand(b), 1.0, alpha);
   Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  return at::addmm_out(out, out, a, b, 0.0, alpha);  // beta = 0: `out` is never read
+  return at::addmm_out(out, out, gemm_operand(a), gemm_operand(b), 0.0, alpha);  // beta = 0: `out` is never read
 }
 
 // y = x·Wᵀ + bias + base + alpha·lhs·rhs (weight, bias, base optional) in two GEMMs, no elementwise pass
@@ -92,7 +102,7 @@ Tensor linear_plus_low_rank(const Tensor& x, const optional<Tensor>& weight, con
   }
   Tensor y = scaled_mm(lhs, rhs, alpha, base.has_value() ? base : bias);
   if (base.has_value() && bias.has_value()) y.add_(*bias);
-  if (weight.has_value()) y.addmm_(x, weight->t());
+  if (weight.has_value()) y.addmm_(gemm_operand(x), gemm_operand(weight->t()));
   return y;
 }
 
@@ -109,7 +119,7 @@ Tensor grad_input(const Tensor& grad, const optional<Tensor>& weight, const Tens
 // s·gᵀ·u[:, b-1] at 2048×4096, 2.7 vs 6.5 ms).
 void write_scaled_mm(Tensor out, const Tensor& a, const Tensor& b, double s) {
   if (out.scalar_type() == a.scalar_type()) {
-    out.addmm_(a, b, 0.0, s);  // beta = 0: the buffer's zeros are not read
+    out.addmm_(gemm_operand(a), gemm_operand(b), 0.0, s);  // beta = 0: the buffer's zeros are not read
   } else {
     out.copy_(scaled_mm(a, b, s, std::nullopt));
   }
@@ -585,7 +595,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       if (need_x) dx = dx.view(ctx->saved_data["x_shape"].toIntVector());
     }
     // The base layer is normally frozen; when it is not, its gradients are plain GEMMs.
-    if (need_w) dW = at::mm(g.t(), x);
+    if (need_w) dW = at::mm(gemm_operand(g.t()), gemm_operand(x));
     if (need_bias) dbias = g.sum(0);
     if (need_base) dbase = grad_outputs[0];  // base enters y with coefficient 1
     return {need_x ? dx : Tensor(), dW, dbias, dbase, need_A ? dA : Tensor(), need_B ? dB : Tensor(),

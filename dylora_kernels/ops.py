@@ -112,10 +112,9 @@ def _call(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, bac
     backend = _check_tensors(x, weight, bias, base, lora_A, lora_B, backend)
     if type(frozen_prefix) is not bool:
         raise TypeError(f"frozen_prefix must be a bool, got {type(frozen_prefix).__name__} {frozen_prefix!r}")
-    rank = _rank_argument(rank, lora_A.shape[0], x)
+    rank = _rank_argument(rank, lora_A.shape[0], x, backend)
     alpha = check_alpha(alpha, intermediate_dtype(x.dtype, lora_A.dtype))
     if backend == "reference":
-        check_rank_values(rank, lora_A.shape[0])
         return reference.dylora_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, base=base)
     return _linear(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend)
 
@@ -218,12 +217,17 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
-def _rank_argument(rank, r_max: int, x: Tensor) -> Tensor:
+def _rank_argument(rank, r_max: int, x: Tensor, backend: str) -> Tensor:
     """The rank as the integer tensor the ops take: a Python/NumPy int becomes a cached 0-d CPU tensor
-    (a host value: no device copy, no sync); a tensor's type, shape and device are checked here, its
-    values by the kernel that reads it (CPU: ValueError; device: NaN rows, never garbage)."""
+    (a host value: no device copy, no sync); a tensor's type, shape and device are checked here. Its
+    values: a CPU tensor's on the host, whatever the backend (ValueError): by the C++ kernel that reads it
+    for backend "cpp", here for every other one (the Triton interpreter, a host rank with CUDA tensors);
+    a device tensor's by the kernel that reads it (NaN rows, never garbage), the reference's here."""
     if isinstance(rank, Tensor):
-        return _check_rank_tensor(rank, x.device, "x's device", lambda: math.prod(x.shape[:-1]))
+        _check_rank_tensor(rank, x.device, "x's device", lambda: math.prod(x.shape[:-1]))
+        if backend == "reference" or (rank.is_cpu and backend != "cpp"):
+            check_rank_values(rank, r_max)
+        return rank
     return _host_rank(check_int_rank(rank, r_max))
 
 

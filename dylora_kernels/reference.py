@@ -5,17 +5,22 @@
 
 Autograd supplies the backward. In frozen-prefix mode the rows of A (columns of B) below b-1 are
 detached, as in the official implementation (huawei-noah loralib ``DyLoRA.py``), so only row b-1
-of dA and column b-1 of dB receive gradient. The scale is applied last, to the product (as the
-official formula does), so it never overflows a half-precision intermediate.
+of dA and column b-1 of dB receive gradient. The scale alpha/b enters the product u·B[:, :b]ᵀ as the
+GEMM's alpha (``torch.addmm``): applied to the product's accumulator in the forward and, in autograd's
+backward, after each contraction (alpha·(g·B), alpha·(uᵀ·g)), never to a 16-bit operand first; so no
+intermediate overflows where the result does not (in fp16, alpha·g alone overflows for alpha = 3e4).
 
 With a per-row rank tensor (one rank b_m per row of the flattened x) row m uses A[:b_m], B[:, :b_m]
 and alpha / b_m: the low-rank term is computed over the first max_m b_m slots (slots no row uses are
 never read) with per-row masks that select, not multiply, so a NaN in a slot a row does not use never
-reaches that row. Adapters in another dtype than x (float32 adapters on a bfloat16 model) compute
-the low-rank term in their dtype, as PEFT does, and the result is cast to x's dtype.
+reaches that row; 1/b_m divides u (it only shrinks it) and alpha enters the product as above. Adapters
+in another dtype than x (float32 adapters on a bfloat16 model) compute the low-rank term in their
+dtype, as PEFT does, and the result is cast to x's dtype.
 This module is also the "naive slicing" baseline of the benchmarks: it is deliberately simple.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +59,16 @@ def dylora_linear(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A:
         if frozen_prefix:  # only row b-1 of A / column b-1 of B is trained
             A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]], dim=0)
             B_b = torch.cat([B_b[:, :-1].detach(), B_b[:, -1:]], dim=1)
-        term = (alpha / b) * ((x_lr @ A_b.t()) @ B_b.t())
+        term = _scaled_product(x_lr @ A_b.t(), B_b, alpha / b)
     term = term.to(x.dtype)
     return term if out is None else out + term
+
+
+def _scaled_product(u: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    """``scale · u · lora_Bᵀ`` for u (..., r), lora_B (N, r), with the scale as the GEMM's alpha (see above)."""
+    rows = math.prod(u.shape[:-1])  # not -1: u may have no elements
+    out = torch.addmm(u.new_zeros(()), u.reshape(rows, u.shape[-1]), lora_B.t(), beta=0, alpha=scale)
+    return out.view(*u.shape[:-1], lora_B.shape[0])
 
 
 def _per_row_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank: Tensor, alpha: float,
@@ -67,18 +79,16 @@ def _per_row_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank: Tensor, alpha
     width = int(rank.max()) if rows else 0
     A, B = lora_A[:width], lora_B[:, :width]
     used, trained = rank_masks(rank, width, frozen_prefix)
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # alpha/b_m need not fit x's dtype
-    scale = alpha / rank.reshape(-1, 1).to(wide)  # applied to each row of the product, last
+    b = rank.reshape(-1, 1)
     zero = x.new_zeros(())
+    low_rank = lambda mask, u, B: _scaled_product(torch.where(mask, u, zero) / b, B, alpha)
     if not frozen_prefix:
-        term = torch.where(used, x2 @ A.t(), zero) @ B.t()
+        term = low_rank(used, x2 @ A.t(), B)
     else:
         # The value uses every slot < b_m; the gradient to A/B flows through slot b_m-1 only: add the
         # trained path and subtract its frozen twin (zero in value, the one-hot gradient in A and B).
         A_frozen, B_frozen = A.detach(), B.detach()
         u_frozen = x2 @ A_frozen.t()
-        value = torch.where(used, u_frozen, zero) @ B_frozen.t()
-        trained_path = (torch.where(trained, x2 @ A.t(), zero) @ B.t()
-                        - torch.where(trained, u_frozen, zero) @ B_frozen.t())
-        term = value + trained_path
-    return (term.to(wide) * scale).to(x.dtype).view(*x.shape[:-1], B.shape[0])
+        term = (low_rank(used, u_frozen, B_frozen)
+                + low_rank(trained, x2 @ A.t(), B) - low_rank(trained, u_frozen, B_frozen))
+    return term.to(x.dtype).view(*x.shape[:-1], B.shape[0])

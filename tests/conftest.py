@@ -63,7 +63,8 @@ def device_of(backend: str) -> str:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
-    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+    scale = ref.abs().max().clamp_min(1e-300) if ref.numel() else 1.0  # norms of values near 1e300 overflow
+    return float(((out.double() - ref) / scale).norm() / (ref / scale).norm().clamp_min(1e-300))
 
 
 @pytest.fixture
@@ -87,18 +88,48 @@ def poisoned_allocations(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Inputs, runs and the float64 reference shared by the op tests of every backend
 # --------------------------------------------------------------------------------------------
+LAYOUTS = ("contiguous", "strided", "row-strided", "column-padded", "transposed")
+
+
+def with_layout(t, layout, step=2):
+    """t's values (same dtype and device) in a memory layout, as a view of a larger buffer whose other elements are
+    NaN, so a kernel that reads memory the view skips fails: "contiguous" (t itself), "strided" (every ``step``-th
+    column), "row-strided" (every ``step``-th row), "column-padded" (rows padded by 3 elements), "transposed"
+    (column-major; 2-D). Applied after any dtype cast: ``.to(dtype)`` of a strided view returns a contiguous copy."""
+    if layout == "contiguous":
+        return t
+    *lead, K = t.shape
+    if layout == "transposed":
+        assert t.dim() == 2, "the transposed layout is 2-D"
+        out = t.new_full((K, lead[0]), float("nan")).t()
+    elif layout == "strided":
+        out = t.new_full((*lead, step * K), float("nan"))[..., ::step]
+    elif layout == "row-strided":
+        assert t.dim() >= 2, "the row-strided layout needs rows"
+        out = t.new_full((*lead[:-1], step * lead[-1], K), float("nan"))[..., ::step, :]
+    elif layout == "column-padded":
+        out = t.new_full((*lead, K + 3), float("nan"))[..., :K]
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    out.copy_(t)
+    rows = t.numel() // K if K else 0
+    # Non-contiguous whenever the shape allows it (one row, or one element, is contiguous in any layout).
+    can_be_strided = t.numel() > 1 and (layout == "strided" or (rows > 1 and (layout != "transposed" or K > 1)))
+    assert out.is_contiguous() != can_be_strided, (layout, tuple(t.shape), out.stride())
+    return out
+
+
 def make_inputs(x_shape, N, r_max, bias, layout, dtype, device, seed=0):
-    """Random x, W, bias, A and B (B is never LoRA's zeros: that would hide the low-rank path)."""
+    """Random x, W, bias, A and B (B is never LoRA's zeros: that would hide the low-rank path); x in ``layout``
+    (LAYOUTS), made in the final dtype and device."""
     g = torch.Generator().manual_seed(seed)
     K = x_shape[-1]
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
-    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
-        x = rnd(*x_shape[:-1], 2 * K)[..., ::2]
-    else:
-        x = rnd(*x_shape)
-    tensors = dict(x=x, weight=rnd(N, K) / K**0.5, bias=rnd(N) if bias else None,
+    tensors = dict(x=rnd(*x_shape), weight=rnd(N, K) / K**0.5, bias=rnd(N) if bias else None,
                    lora_A=rnd(r_max, K) / K**0.5, lora_B=rnd(N, r_max))
-    return {k: None if v is None else v.to(device, dtype) for k, v in tensors.items()}
+    out = {k: None if v is None else v.to(device, dtype) for k, v in tensors.items()}
+    out["x"] = with_layout(out["x"], layout)
+    return out
 
 
 def per_row_ranks(rows, r_max, seed=0, sorted_=False):
@@ -124,7 +155,7 @@ LORA_LEAVES = ("x", "lora_A", "lora_B")
 def run(inputs, rank, alpha, frozen_prefix, backend, grad_out, wrt=LORA_LEAVES):
     """y and the gradients of the inputs named in ``wrt`` (in that order), for one backend."""
     leaves = {k: v.detach().clone().requires_grad_(k in wrt) for k, v in inputs.items() if v is not None}
-    if inputs["x"].stride(-1) != 1:  # keep the caller's non-contiguous layout
+    if not inputs["x"].is_contiguous():  # keep the caller's layout (clone() would pack a row-strided view)
         leaves["x"] = inputs["x"].detach().requires_grad_("x" in wrt)
     y = dylora_kernels.dylora_linear(leaves["x"], leaves["weight"], leaves.get("bias"), leaves["lora_A"],
                                      leaves["lora_B"], rank, alpha, frozen_prefix=frozen_prefix, backend=backend)

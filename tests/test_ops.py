@@ -6,14 +6,15 @@ import dylora_kernels
 from conftest import (BACKENDS, backend_dtype_params, device_of, make_inputs, pick_rank, reference_run, rel_err,
                       run, tolerance, trained_slots)
 
-# (x shape, N, r_max, bias, x layout): odd sizes, a 3-D input, M = 1, r_max = 1 and r_max not a power of 2.
+# (x shape, N, r_max, bias, x layout): odd sizes, a 3-D input (a view of every other row), M = 1, r_max = 1 and
+# r_max not a power of 2, a column-strided x (conftest.with_layout: views of NaN-filled buffers).
 CASES = [
     ((37, 45), 29, 7, True, "contiguous"),
-    ((2, 9, 33), 20, 12, False, "contiguous"),
+    ((2, 9, 33), 20, 12, False, "row-strided"),
     ((1, 16), 24, 1, True, "contiguous"),
     ((70, 40), 52, 33, False, "strided"),
 ]
-CASE_IDS = ["37x45x29-r7", "2x9x33x20-r12-3d", "1x16x24-r1", "70x40x52-r33-strided"]
+CASE_IDS = ["37x45x29-r7", "2x9x33x20-r12-3d-row-strided", "1x16x24-r1", "70x40x52-r33-strided"]
 RANKS = ["1", "mid", "r_max", "per_row"]
 
 

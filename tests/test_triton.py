@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dylora_kernels
-from conftest import CUDA, HAS_TRITON, per_row_ranks, reference_run, rel_err, tolerance
+from conftest import CUDA, HAS_TRITON, per_row_ranks, reference_run, rel_err, tolerance, with_layout
 
 pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="needs triton and CUDA or TRITON_INTERPRET=1"),
               # triton 3.6's interpreter turns 1-element arrays into loop bounds with int(): numpy warns
@@ -256,24 +256,31 @@ def test_r_max_200_spans_several_slot_blocks(rank_kind, frozen_prefix):
     check(run(t, rank, frozen_prefix), t, rank, frozen_prefix)
 
 
+# K and N above twice the largest BLOCK_K a kernel runs with here (32 in the interpreter's configs, 64 in the TMA
+# kernel's), so every K loop advances its pointers; odd where the variant allows it ("tma": 16-byte aligned rows).
+STRIDED_SHAPES = {"pointer": (70, 71, 69), "decode": (13, 71, 69), "tma": (70, 136, 136)}
+
+
 @pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
-def test_strided_operands_are_read_in_place(frozen_prefix):
-    """x and W column-major, A and B column-strided, bias and base strided, grad transposed: all read through
-    their strides (nothing copied)."""
-    M, K, N, R = 33, 20, 27, 10
-    dense = make(M, K, N, R, base=True)
-    every_other = lambda t, dim: t.repeat_interleave(2, dim)[(slice(None),) * dim + (slice(None, None, 2),)]
-    strided = {"x": dense["x"].t().contiguous().t(), "weight": dense["weight"].t().contiguous().t(),
-               "bias": every_other(dense["bias"], 0), "base": every_other(dense["base"], 1),
-               "lora_A": every_other(dense["lora_A"], 1), "lora_B": every_other(dense["lora_B"], 0),
-               "grad": dense["grad"].t().contiguous().t()}
-    assert all(torch.equal(strided[k], dense[k]) for k in dense)
-    assert not any(t.is_contiguous() for t in strided.values())
-    for rank in (torch.tensor(6, device=DEVICE), per_row_ranks(M, R).to(DEVICE)):
-        check(run(strided, rank, frozen_prefix), dense, rank, frozen_prefix)
-    assert "tma" not in backend().variants("forward", strided["x"], strided["weight"], strided["lora_A"],
-                                           strided["lora_B"])
+@pytest.mark.parametrize("variant", ["pointer", "decode", "tma"])
+def test_strided_operands_are_read_in_place(variant, frozen_prefix):
+    """Every operand a view into a NaN-filled buffer (conftest.with_layout), read through its strides, in every
+    variant: x, W, grad, base row-strided, A and B row-strided, bias strided (the layouts TMA takes); and, for the
+    pointer-based variants, x, W and grad column-major, A, B, bias and base column-strided."""
+    M, K, N = STRIDED_SHAPES[variant]
+    R = 10
+    dense = make(M, K, N, R, torch.float16 if variant == "tma" else torch.float32, base=True)
+    rows = {k: with_layout(v, "strided" if k == "bias" else "row-strided") for k, v in dense.items()}
+    columns = {k: with_layout(v, "transposed" if k in ("x", "weight", "grad") else "strided") for k, v in dense.items()}
+    one_rank, per_row = torch.tensor(6, device=DEVICE), per_row_ranks(M, R).to(DEVICE)
+    for strided, ranks in [(rows, (one_rank, per_row))] + ([(columns, (per_row,))] if variant != "tma" else []):
+        assert all(torch.equal(strided[k], dense[k]) for k in dense)
+        assert not any(t.is_contiguous() for t in strided.values())
+        assert variant in backend().variants("forward", strided["x"], strided["weight"], strided["lora_A"],
+                                             strided["lora_B"])
+        for rank in ranks:
+            check(run(strided, rank, frozen_prefix, variant), dense, rank, frozen_prefix)
 
 
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
@@ -394,6 +401,39 @@ def test_slot_masks_are_selections(frozen_prefix):
                      torch.empty(R, K, device=DEVICE))
     want = (torch.where(trained, u, 0.0) * (ALPHA / rank[:, None])).t() @ t["x"]
     assert rel_err(dA.cpu(), want.cpu()) <= tol
+
+
+@pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
+def test_slots_are_selected_through_the_contract(frozen_prefix):
+    """The same rule through the kernel contract and the TMA kernel: backward() given a u with NaN in the slots beyond
+    each row's rank (the contract says zero; it reads them only through selections) gives dB equal to float64's, and
+    the TMA fused GEMM given such a u gives y equal to the pointer one's."""
+    T = backend()
+    M, K, N, R = 37, 40, 24, 12
+    t = make(M, K, N, R, torch.float16, base=True)
+    rank = per_row_ranks(M, R).to(DEVICE)
+    unused = torch.arange(R, device=DEVICE) >= rank[:, None]
+    y, u = T.forward(t["x"], t["weight"], t["bias"], t["base"], t["lora_A"], t["lora_B"], rank, ALPHA, True)
+    assert (u[unused] == 0).all()
+    poisoned = u.masked_fill(unused, float("nan"))
+    dx, dA, dB = T.backward(t["grad"], t["x"], t["weight"], t["lora_A"], t["lora_B"], poisoned, rank, ALPHA,
+                            frozen_prefix, True, True)
+    assert torch.isfinite(dB).all()
+    assert rel_err(dB.cpu(), expected(t, rank, ALPHA, frozen_prefix)[4]) <= tolerance("triton", torch.float16)
+    y_tma = T.hopper.fused_linear(t["x"], t["weight"], False, t["bias"], t["base"], poisoned, t["lora_B"], rank,
+                                  ALPHA, torch.empty_like(y))
+    assert torch.isfinite(y_tma).all() and rel_err(y_tma.cpu(), y.cpu()) <= tolerance("triton", torch.float16)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "triton-decode", "triton-tma"])
+def test_int_rank_above_r_max_never_reaches_the_kernels(backend_name):
+    """An int rank above r_max (or below 1) is refused on the host for the Triton backends too (ValueError), before
+    a kernel is launched."""
+    t = make(13, 40, 24, 6, torch.float16)
+    for rank in (7, 0, 300):
+        with pytest.raises(ValueError, match=r"rank must be in \[1, r_max\] = \[1, 6\], got"):
+            dylora_kernels.dylora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], rank, ALPHA,
+                                         backend=backend_name)
 
 
 @pytest.mark.parametrize("variant", ["pointer", "decode", "tma"])

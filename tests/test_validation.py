@@ -1,5 +1,7 @@
 """Bad input is refused before any kernel runs, with an error naming the argument and what is allowed."""
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -138,3 +140,17 @@ def test_good_input_passes():  # the baseline the table above perturbs
     assert torch.equal(empty_k, good()["bias"].expand(M, N))  # K = 0: y = bias
     assert call(rank=torch.tensor([1, 2, 3, 4, 4, 1])).shape == (M, N)
     assert call(bias=None, backend="reference").shape == (M, N)
+
+
+def test_adapter_dtypes_are_checked_on_every_entry():
+    """The adapters' dtype rules through dylora_delta and the Triton backend as well (a second guard beside the table
+    above): lora_A and lora_B share one dtype, and it must be one the backend computes in."""
+    kwargs = good()
+    x, A, B = kwargs["x"], kwargs["lora_A"], kwargs["lora_B"]
+    with pytest.raises(TypeError, match=r"lora_A and lora_B must share one dtype, got torch.float32 and torch.float64"):
+        dylora_kernels.dylora_delta(x, A, B.double(), 2, 2.0)
+    with pytest.raises(TypeError, match=r"backend='cpp' on cpu supports dtypes .*; got lora_A torch.float16"):
+        dylora_kernels.dylora_delta(x, A.half(), B.half(), 2, 2.0)
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(TypeError, match=r"backend='triton' on cpu supports dtypes .*; got lora_A torch.float64"):
+            call(lora_A=A.double(), lora_B=B.double(), backend="triton")
