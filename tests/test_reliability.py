@@ -201,7 +201,8 @@ def test_3d_input_that_no_view_flattens(backend):
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="needs the C++ extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_device_rank_path_selects_slots(dtype):
+@pytest.mark.parametrize("path", ["aten-device-rank", "lean"])
+def test_device_rank_path_selects_slots(dtype, path):
     """The ATen composition with the rank on the device (what "cublas" runs; here on CPU tensors): u comes back
     exactly zero beyond each row's rank, and a backward given a u with NaN there (and NaN in A and B beyond the
     largest rank) still matches float64 with exact zeros outside the trained slots: the masks select (where),
@@ -214,12 +215,13 @@ def test_device_rank_path_selects_slots(dtype):
         A, B = t["lora_A"].clone(), t["lora_B"].clone()
         A[top:], B[:, top:] = float("nan"), float("nan")
         used = torch.arange(r_max) < rank.reshape(-1, 1)
-        y, u = _C.forward_device_rank(t["x"], t["weight"], t["bias"], None, A, B, rank, ALPHA, True)
+        forward, backward = ((_C.forward_device_rank, _C.backward_device_rank) if path == "aten-device-rank"
+                             else (_C.forward_lean, _C.backward_lean))
+        y, u = forward(t["x"], t["weight"], t["bias"], None, A, B, rank, ALPHA, True)
         assert torch.equal(u[~used.expand_as(u)], torch.zeros_like(u[~used.expand_as(u)]))
         poisoned_u = torch.where(used, u, float("nan"))
         for frozen_prefix in (False, True):
-            dx, dA, dB = _C.backward_device_rank(grad, t["x"], t["weight"], A, B, poisoned_u, rank, ALPHA,
-                                                 frozen_prefix, True, True)
+            dx, dA, dB = backward(grad, t["x"], t["weight"], A, B, poisoned_u, rank, ALPHA, frozen_prefix, True, True)
             expected = reference_run(t, rank, ALPHA, frozen_prefix, grad)
             for what, out, ref in zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), expected):
                 assert torch.isfinite(out).all() and rel_err(out, ref) <= tolerance("cpp", dtype), (what, rank)
