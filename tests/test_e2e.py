@@ -156,6 +156,8 @@ def test_shared_rank_is_one_tensor_filled_once_per_step(per_layer):
     # buffers replaced behind the sampler's back (as model.to(device) does): bound again at the next step
     model._apply(lambda t: t.clone())
     assert shared.step() == plain.step() and [m.rank for m in layers] == [m.rank for m in adapters(twin)]
+    with pytest.raises(ValueError, match=r"share_rank needs a 0-d int64 tensor on cpu, got torch.int32 of shape \(\)"):
+        layers[0].share_rank(torch.tensor(3, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------
