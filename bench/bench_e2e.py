@@ -186,12 +186,16 @@ def _copy_sharing_frozen(base: nn.Module, head: str | None) -> nn.Module:
     return copy.deepcopy(base, memo)
 
 
+def adapter_pairs(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A (r, K), lora_B (N, r)) of every adapted layer, in module order, for any variant's model."""
+    pairs = [(m.lora_A, m.lora_B) for m in model.modules() if isinstance(getattr(m, "lora_A", None), nn.Parameter)]
+    return pairs or [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules()
+                     if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]  # PEFT: ModuleDicts of nn.Linear
+
+
 def _same_adapters(model: nn.Module, A_B: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Give the adapters (in module order) the reference values: every variant starts equal."""
-    pairs = [(m.lora_A, m.lora_B) for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.Parameter)]
-    if not pairs:  # PEFT: lora_A / lora_B are ModuleDicts of nn.Linear
-        pairs = [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules()
-                 if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+    pairs = adapter_pairs(model)
     assert len(pairs) == len(A_B), (len(pairs), len(A_B))
     with torch.no_grad():
         for (A, B), (A0, B0) in zip(pairs, A_B):
@@ -235,11 +239,15 @@ class Variant:
         self.forward = torch.compile(model) if name.endswith("-compile") else model
         self.graph = None
 
-    def _set_rank(self) -> None:
+    def _set_rank(self, rank: int | None) -> None:
+        """The rank of this step: drawn (the same sequence in every DyLoRA variant), or ``rank``."""
         if self.sampler is not None:
-            self.sampler.step(self.step_index)  # one fill of the model-wide rank tensor
+            if rank is None:
+                self.sampler.step(self.step_index)  # one fill of the model-wide rank tensor
+            else:
+                self.sampler.rank.fill_(rank)
         elif self.draw is not None:
-            self.state["b"] = self.draw(self.step_index)
+            self.state["b"] = self.draw(self.step_index) if rank is None else rank
         self.step_index += 1
 
     def _loss(self):
@@ -254,8 +262,8 @@ class Variant:
         self.optimizer.step()
         return loss.detach()
 
-    def run(self) -> None:
-        self._set_rank()
+    def run(self, rank: int | None = None) -> None:
+        self._set_rank(rank)
         if self.name.endswith("-graph"):
             if self.graph is None:  # the first call: warm-up steps and the capture (counted as warm-up)
                 before = torch.cuda.memory_allocated()
@@ -329,6 +337,19 @@ def _compiles() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def initial_adapters(case: Case, base: nn.Module, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The adapters every variant starts from: random A (Kaiming-uniform's range, as LoRA) and random B
+    (not LoRA's zeros, so the low-rank path is really computed; the speed does not depend on it)."""
+    g = torch.Generator().manual_seed(SEED + 2)
+    init = []
+    for name, m in base.named_modules():
+        if name.rpartition(".")[2] in TARGETS[case.model]:
+            K, N = m.weight.shape if is_conv1d(m) else m.weight.shape[::-1]
+            init.append(((torch.rand(case.r_max, K, generator=g) * 2 - 1) / math.sqrt(K),
+                         torch.randn(N, case.r_max, generator=g) * 0.01))
+    return [(A.to(device, getattr(torch, case.dtype)), B.to(device, getattr(torch, case.dtype))) for A, B in init]
+
+
 def bench_case(case: Case, device, warmup: int, rounds: int, block: int, progress) -> list[dict]:
     threads = torch.get_num_threads()
     if case.threads and device.type == "cpu":
@@ -337,19 +358,7 @@ def bench_case(case: Case, device, warmup: int, rounds: int, block: int, progres
         base = build_base(case)
         batch = batch_for(case, device)
         base.to(device)
-        # The adapters every variant starts from: random A (Kaiming, as LoRA) and random B (not LoRA's zeros,
-        # so the low-rank path is really computed; the speed does not depend on it).
-        n_targets = sum(1 for name, _ in base.named_modules() if name.rpartition(".")[2] in TARGETS[case.model])
-        g = torch.Generator().manual_seed(SEED + 2)
-        dtype = getattr(torch, case.dtype)
-        init = []
-        for name, m in base.named_modules():
-            if name.rpartition(".")[2] in TARGETS[case.model]:
-                K, N = m.weight.shape if is_conv1d(m) else m.weight.shape[::-1]
-                init.append(((torch.rand(case.r_max, K, generator=g) * 2 - 1) / math.sqrt(K),
-                             torch.randn(N, case.r_max, generator=g) * 0.01))
-        init = [(A.to(device, dtype), B.to(device, dtype)) for A, B in init]
-        assert len(init) == n_targets
+        init = initial_adapters(case, base, device)
         variants = []
         for name in case.variants:
             if name.endswith("-graph") and device.type != "cuda":
