@@ -28,7 +28,9 @@ are shared between the variants' models, not copied); DyLoRA variants draw the s
 per variant: median step ms (after warm-up, which includes compilation/capture), tokens/s, peak memory (CUDA:
 the most allocated during one step above its start, for a graph the memory its capture kept; CPU: the most
 bytes of tensors alive between ops during one eager step, temporaries inside one op not seen; compiled CPU
-variants are not measured), and the ratio over PEFT eager. Results: <out>/bench_e2e.json and .md, and a
+variants are not measured), the ratio over PEFT eager, and the median process CPU time per step and its
+ratio (on a shared machine the CPU time a step used is steadier than its wall time; with more than one
+thread it includes threads that spin waiting). Results: <out>/bench_e2e.json and .md, and a
 second table: the host cost of one rank change (RankSampler.step) per layer buffer vs the shared tensor.
 """
 from __future__ import annotations
@@ -365,6 +367,7 @@ def bench_case(case: Case, device, warmup: int, rounds: int, block: int, progres
                 continue
             variants.append(Variant(name, case, base, batch, init, device))
         times = {v.name: [] for v in variants}
+        cpu_times = {v.name: [] for v in variants}  # process CPU time: what the step cost, whatever else runs
         compiled_in_warmup = 0
         for rnd in range(warmup + rounds):
             order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
@@ -373,12 +376,13 @@ def bench_case(case: Case, device, warmup: int, rounds: int, block: int, progres
                     continue
                 try:
                     _sync(device)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     for _ in range(block):
                         v.run()
                     _sync(device)
                     if rnd >= warmup:
                         times[v.name].append((time.perf_counter() - start) / block)
+                        cpu_times[v.name].append((time.process_time() - cpu_start) / block)
                 except Exception as error:  # a variant that cannot run here (e.g. capture) is reported, not fatal
                     v.error = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
             if rnd == warmup - 1:
@@ -394,7 +398,7 @@ def bench_case(case: Case, device, warmup: int, rounds: int, block: int, progres
             if not v.error and times[v.name]:
                 ms = statistics.median(times[v.name]) * 1e3
                 row.update(step_ms=ms, tokens_per_s=tokens / ms * 1e3, step_ms_all=[t * 1e3 for t in times[v.name]],
-                           loss=float(v.loss))
+                           cpu_ms=statistics.median(cpu_times[v.name]) * 1e3, loss=float(v.loss))
                 try:
                     row["peak_mib"] = peak_mib(v)
                 except Exception as error:
@@ -403,9 +407,11 @@ def bench_case(case: Case, device, warmup: int, rounds: int, block: int, progres
                 row["graphs_compiled_after_warmup"] = recompiles - compiled_in_warmup
             rows.append(row)
         peft_ms = next((r.get("step_ms") for r in rows if r["variant"] == "peft"), None)
+        peft_cpu = next((r.get("cpu_ms") for r in rows if r["variant"] == "peft"), None)
         for r in rows:
             if peft_ms and r.get("step_ms"):
                 r["ratio_vs_peft"] = r["step_ms"] / peft_ms
+                r["cpu_ratio_vs_peft"] = r["cpu_ms"] / peft_cpu
         del variants, base
         return rows
     finally:
@@ -448,11 +454,12 @@ def markdown(meta: dict, rows: list[dict], rank_rows: list[dict]) -> str:
              f"{meta['load_average_start']:.1f} at the start, {meta['load_average_now']:.1f} at the end; "
              f"median over n interleaved steps after {meta['warmup']} warm-up rounds; AdamW, "
              "frozen-prefix, rank drawn per step (DyLoRA variants), PEFT at r = r_max", "",
-             "| model, batch x seq, precision | variant | n | step ms | tokens/s | peak MiB | × PEFT eager | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model, batch x seq, precision | variant | n | step ms | tokens/s | peak MiB | × PEFT eager | "
+             "CPU-time ms | CPU-time × PEFT | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") or "step_ms" not in r:
-            lines.append(f"| {r['case']} | {r['variant']} | - | - | - | - | - | {r.get('error') or 'no timed step'} |")
+            lines.append(f"| {r['case']} | {r['variant']} | - | - | - | - | - | - | - | {r.get('error') or 'no timed step'} |")
             continue
         peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
         notes = [r["note"]] if r["note"] else []
@@ -461,7 +468,8 @@ def markdown(meta: dict, rows: list[dict], rank_rows: list[dict]) -> str:
         if r["variant"].endswith("-graph"):
             notes.append("peak = the capture's memory pool")
         lines.append(f"| {r['case']} | {r['variant']} | {len(r['step_ms_all'])} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {peak} | "
-                     f"{r.get('ratio_vs_peft', float('nan')):.3f} | {'; '.join(notes)} |")
+                     f"{r.get('ratio_vs_peft', float('nan')):.3f} | {r['cpu_ms']:.2f} | "
+                     f"{r.get('cpu_ratio_vs_peft', float('nan')):.3f} | {'; '.join(notes)} |")
     if rank_rows:
         lines += ["", "Host cost of one rank change, `RankSampler.step()` (µs; median of 5 × 2000 calls):", "",
                   "| DyLoRA layers | every layer's buffer set (shared=False) | one shared tensor filled (shared=True) | the draw alone |",

@@ -257,11 +257,7 @@ def test_capture_training_step_refuses_a_non_capturable_optimizer():
 # ---------------------------------------------------------------------------------------------
 # bench/bench_e2e.py compares equal work: its baselines compute what the package computes
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", ["roberta", "gpt2"])
-def test_bench_e2e_variants_train_the_same_adapters(model):
-    """PEFT, the naive official recipe and this package, built by the benchmark from one tiny config:
-    at r_max the first losses agree (PEFT's scale alpha/r is DyLoRA's alpha/b at b = r); then at the
-    drawn ranks the naive recipe and the package give the same losses and adapters, step after step."""
+def _bench_module():
     import importlib.util
     import pathlib
 
@@ -269,6 +265,28 @@ def test_bench_e2e_variants_train_the_same_adapters(model):
     spec = importlib.util.spec_from_file_location("bench_e2e", path)
     be = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(be)
+    return be
+
+
+def test_bench_e2e_runs_a_tiny_case_and_writes_its_table():
+    be = _bench_module()
+    case = be.Case("gpt2", layers=1, batch=1, seq=8, hidden=64, vocab=100, r_max=4)
+    progress = type("Progress", (), {"update": lambda self, n: None})()
+    rows = be.bench_case(case, torch.device("cpu"), warmup=1, rounds=2, block=1, progress=progress)
+    assert [r["variant"] for r in rows] == ["peft", "naive", "dylora"] and not any(r["error"] for r in rows)
+    assert rows[0]["ratio_vs_peft"] == 1.0 and all(len(r["step_ms_all"]) == 2 and r["peak_mib"] > 0 for r in rows)
+    meta = {"machine": "test", "torch": torch.__version__, "date": "today", "command": "pytest", "warmup": 1,
+            "load_average_start": 0.0, "load_average_now": 0.0}
+    table = be.markdown(meta, rows, be.rank_change_cost(layer_counts=(3,), calls=10))
+    assert table.count("| GPT-2 medium (1 layers, hidden 64, vocab 100) 1x8 fp32 |") == 3 and "| 3 |" in table
+
+
+@pytest.mark.parametrize("model", ["roberta", "gpt2"])
+def test_bench_e2e_variants_train_the_same_adapters(model):
+    """PEFT, the naive official recipe and this package, built by the benchmark from one tiny config:
+    at r_max the first losses agree (PEFT's scale alpha/r is DyLoRA's alpha/b at b = r); then at the
+    drawn ranks the naive recipe and the package give the same losses and adapters, step after step."""
+    be = _bench_module()
     case = be.Case(model, layers=2, batch=2, seq=8, hidden=64, vocab=100, r_max=6)
     base, cpu = be.build_base(case), torch.device("cpu")
     batch, init = be.batch_for(case, cpu), be.initial_adapters(case, base, cpu)
