@@ -404,6 +404,7 @@ def bench_case(case: Case, device, warmup: int, rounds: int, block: int, progres
                 except Exception as error:
                     row["peak_mib"], row["peak_error"] = None, f"{type(error).__name__}: {error}"[:160]
             if v.name.endswith("-compile"):  # dynamo's counter, shared by the case's compiled variants
+                row["graphs_compiled_in_warmup"] = compiled_in_warmup
                 row["graphs_compiled_after_warmup"] = recompiles - compiled_in_warmup
             rows.append(row)
         peft_ms = next((r.get("step_ms") for r in rows if r["variant"] == "peft"), None)
@@ -464,7 +465,8 @@ def markdown(meta: dict, rows: list[dict], rank_rows: list[dict]) -> str:
         peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
         notes = [r["note"]] if r["note"] else []
         if "graphs_compiled_after_warmup" in r:
-            notes.append(f"graphs compiled after warm-up: {r['graphs_compiled_after_warmup']}")
+            notes.append(f"graphs compiled: {r['graphs_compiled_in_warmup']} in warm-up, "
+                         f"{r['graphs_compiled_after_warmup']} after")
         if r["variant"].endswith("-graph"):
             notes.append("peak = the capture's memory pool")
         lines.append(f"| {r['case']} | {r['variant']} | {len(r['step_ms_all'])} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {peak} | "
