@@ -223,8 +223,9 @@ class RankSampler:
         if self.shared:
             if any(layer._buffers["_rank"] is not view for layer, view in zip(self.layers, self._views)):
                 self._bind()  # a layer's rank was set otherwise, or the model moved
-            if self.per_layer:
-                self.rank.copy_(torch.tensor(draws))
+            if self.per_layer:  # from pinned memory: an asynchronous copy, no host sync on a GPU
+                draws_t = torch.tensor(draws)
+                self.rank.copy_(draws_t.pin_memory() if self.rank.is_cuda else draws_t, non_blocking=True)
             else:
                 self.rank.fill_(draws)
         else:
