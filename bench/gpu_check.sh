@@ -7,7 +7,7 @@
 #   sanitize   compute-sanitizer memcheck over a small forward/backward of every plan kind        SANITIZE 90
 #   kernels    bench/bench_kernels.py --quick (each kernel's device time, TMA configs)            KERNELS  60
 #   bench      bench/bench_gpu.py --quick, then --int-rank                                        BENCH   150
-#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E      90
+#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E     180
 # Logs and results go to $OUT (default bench/out); a digest of every step is printed last. If the extension
 # fails to build, the script goes on without it (PYTHONPATH=.: the ops are defined in Python, Triton serves CUDA).
 # Exit status: non-zero if any step failed.
@@ -17,7 +17,7 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DYLORA_FUZZ_CASES=${DYLORA_FUZZ_CASES:-20}
 export DYLORA_DISPATCH_CACHE="$OUT/dispatch_cache"  # a fresh dispatcher cache: the run measures
-TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_executor.py tests/test_lean.py tests/test_info.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py tests/test_gpu_reliability.py"}
+TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_executor.py tests/test_lean.py tests/test_info.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py tests/test_gpu_reliability.py tests/test_e2e.py::test_captured_training_step_replays_every_rank"}
 PY=${PYTHON:-python3}
 t0=$SECONDS
 DIGEST=()
@@ -66,11 +66,12 @@ fi
 run kernels "$(limit KERNELS 60)" kernels.log "$PY" bench/bench_kernels.py --quick
 run bench "$(limit BENCH 150)" bench.log bash -c "'$PY' bench/bench_gpu.py --quick --out '$OUT' && '$PY' bench/bench_gpu.py --quick --int-rank --out '$OUT/int_rank'"
 if [ -f bench/bench_e2e.py ]; then
-    run e2e "$(limit E2E 90)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT/e2e"
+    run e2e "$(limit E2E 180)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT"
 fi
 
 echo
 [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+[ -f "$OUT/bench_e2e.md" ] && { echo; cat "$OUT/bench_e2e.md"; }
 echo
 stamp "digest"
 printf '  %s\n' "${DIGEST[@]}"

@@ -16,6 +16,7 @@ they work on any nn.Module: Hugging Face transformers models, nn.Sequential, you
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .nn import DyLoRALinear
-from .ops import check_int_rank, intermediate_dtype
+from .nn import DyLoRALinear, is_conv1d
+from .ops import check_int_rank, check_rank, intermediate_dtype
 from .reference import rank_masks
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model: PEFT's state-dict key prefix
@@ -91,27 +92,35 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         p.requires_grad_(id(p) in adapters)
 
 
+def _adapter(module: nn.Module, r_max: int, alpha: float, frozen_prefix: bool) -> DyLoRALinear:
+    """A DyLoRALinear sharing ``module``'s weight and bias: an nn.Linear, or transformers' Conv1D."""
+    if is_conv1d(module):
+        return DyLoRALinear.from_conv1d(module, r_max, alpha, frozen_prefix=frozen_prefix)
+    return DyLoRALinear.from_linear(module, r_max, alpha, frozen_prefix=frozen_prefix)
+
+
 def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, alpha: float,
            frozen_prefix: bool = True) -> list[str]:
-    """Replace the nn.Linear modules named by ``target_modules`` by DyLoRALinear adapters, in place.
+    """Replace the nn.Linear (or transformers Conv1D, as GPT-2's ``c_attn``) modules named by
+    ``target_modules`` by DyLoRALinear adapters, in place.
 
     A target matches a module whose name equals it or ends with ``"." + target`` (PEFT's rule, e.g.
-    ``["query", "value"]`` on BERT, ``["q_proj", "v_proj"]`` on LLaMA, ``["0", "2"]`` on an
-    nn.Sequential). Every parameter of the model except the adapters' lora_A / lora_B is frozen.
-    The base weights are shared, not copied. Returns the names of the replaced modules.
+    ``["query", "value"]`` on BERT, ``["q_proj", "v_proj"]`` on LLaMA, ``["c_attn"]`` on GPT-2,
+    ``["0", "2"]`` on an nn.Sequential). Every parameter of the model except the adapters' lora_A /
+    lora_B is frozen. The base weights are shared, not copied (a Conv1D's (in, out) weight is read
+    through a transposed view). Returns the names of the replaced modules.
     """
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    linears = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if name and (isinstance(m, nn.Linear) or is_conv1d(m))]
     missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
     if missing or not targets:
         shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "") or "none"
-        raise ValueError(f"inject: target_modules {missing or targets} match no nn.Linear module of "
-                         f"{type(model).__name__} (by exact name or '.'-suffix); its nn.Linear modules "
+        raise ValueError(f"inject: target_modules {missing or targets} match no nn.Linear or Conv1D module of "
+                         f"{type(model).__name__} (by exact name or '.'-suffix); its nn.Linear / Conv1D modules "
                          f"include: {shown}")
     names = [name for name in linears if any(_matches(name, t) for t in targets)]
     for name in names:
-        _replace(model, name, DyLoRALinear.from_linear(model.get_submodule(name), r_max, alpha,
-                                                       frozen_prefix=frozen_prefix))
+        _replace(model, name, _adapter(model.get_submodule(name), r_max, alpha, frozen_prefix))
     _freeze_all_but_adapters(model)
     return names
 
@@ -120,8 +129,16 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, al
 # Ranks
 # --------------------------------------------------------------------------------------------
 def set_rank(model: nn.Module, rank: int | Tensor) -> None:
-    """Set the rank of every DyLoRA layer (an int, a 0-d or a per-row / per-sample rank tensor)."""
-    for _, layer in _layers(model):
+    """Set the rank of every DyLoRA layer (an int, a 0-d or a per-row / per-sample rank tensor).
+    When every layer reads one model-wide rank tensor (``RankSampler(shared=True)``), a single rank
+    is written into that tensor once (the layers keep sharing it)."""
+    layers = [layer for _, layer in _layers(model)]
+    shared = layers[0]._rank
+    if (layers[0]._rank_shared and all(layer._buffers["_rank"] is shared for layer in layers)
+            and not (isinstance(rank, Tensor) and rank.dim())):
+        shared.copy_(check_rank(rank, min(layer.r_max for layer in layers), shared.device))
+        return
+    for layer in layers:
         layer.set_rank(rank)
 
 
@@ -142,10 +159,19 @@ class RankSampler:
     sampler on every process): with ``generator=None`` every process takes process 0's seed; an
     explicit seed must be the same on every process, else ValueError. The layers' rank buffers are
     filled in place, so a compiled model is not recompiled.
+
+    ``shared=True``: every layer reads ONE model-wide rank tensor, :attr:`rank` (0-d, or (layers,)
+    with ``per_layer``, each layer reading its element through a view), on the layers' device, and
+    ``step()`` writes the draw into it once (one fill; on CUDA one small kernel, no host sync)
+    instead of setting every layer's buffer: the cost of a rank change no longer grows with the
+    number of layers, and a CUDA graph captured once reads the rank from that tensor's fixed address
+    at every replay. A layer whose rank is set otherwise (``layer.set_rank``, ``evaluate_ranks``
+    leaves it as it was) gets its own buffer and is bound again at the next ``step()``.
     """
 
     def __init__(self, model: nn.Module, r_min: int = 1, r_max: int | None = None,
-                 generator: torch.Generator | int | None = None, per_layer: bool = False):
+                 generator: torch.Generator | int | None = None, per_layer: bool = False,
+                 shared: bool = False):
         self.layers = [layer for _, layer in _layers(model)]
         capacity = min(layer.r_max for layer in self.layers)
         r_max = capacity if r_max is None else r_max
@@ -160,8 +186,27 @@ class RankSampler:
             raise ValueError(f"RankSampler: generator must be an int seed >= 0, a torch.Generator or "
                              f"None, got {generator!r}")
         self.seed = _same_seed_on_every_process(seed, explicit=generator is not None)
-        self.r_min, self.r_max, self.per_layer = r_min, r_max, per_layer
+        self.r_min, self.r_max, self.per_layer, self.shared = r_min, r_max, per_layer, shared
         self.next_step = 0
+        self.rank: Tensor | None = None  # the model-wide rank tensor (shared=True)
+        self._views: list[Tensor] = []
+        if shared:
+            self._bind()
+
+    def _bind(self) -> None:
+        """Point every layer's rank buffer at the model-wide rank tensor (made on the layers' device,
+        again if the model moved), initialised to r_max."""
+        devices = {layer._rank.device for layer in self.layers}
+        if len(devices) > 1:
+            raise ValueError(f"RankSampler(shared=True) needs every DyLoRA layer on one device, got {sorted(map(str, devices))}; "
+                             "use shared=False for a model split over devices")
+        device = devices.pop()
+        if self.rank is None or self.rank.device != device:
+            self.rank = torch.full((len(self.layers),) if self.per_layer else (), self.r_max, dtype=torch.int64,
+                                   device=device)
+            self._views = list(self.rank.unbind()) if self.per_layer else [self.rank] * len(self.layers)
+        for layer, view in zip(self.layers, self._views):
+            layer.share_rank(view)
 
     def draw(self, step: int) -> int | list[int]:
         """The rank(s) for optimizer step ``step``, without setting them (the same on every call)."""
@@ -175,8 +220,17 @@ class RankSampler:
         """Set (and return) the rank(s) of optimizer step ``step``, or of the next step if None."""
         step = self.next_step if step is None else step
         draws = self.draw(step)
-        for i, layer in enumerate(self.layers):
-            layer.set_rank(draws[i] if self.per_layer else draws)
+        if self.shared:
+            if any(layer._buffers["_rank"] is not view for layer, view in zip(self.layers, self._views)):
+                self._bind()  # a layer's rank was set otherwise, or the model moved
+            if self.per_layer:  # from pinned memory: an asynchronous copy, no host sync on a GPU
+                draws_t = torch.tensor(draws)
+                self.rank.copy_(draws_t.pin_memory() if self.rank.is_cuda else draws_t, non_blocking=True)
+            else:
+                self.rank.fill_(draws)
+        else:
+            for i, layer in enumerate(self.layers):
+                layer.set_rank(draws[i] if self.per_layer else draws)
         self.next_step = step + 1
         return draws
 
@@ -192,6 +246,36 @@ def _same_seed_on_every_process(seed: int, explicit: bool) -> int:
                          "process); every process must draw the same rank at each step: pass the same "
                          "generator=<int> on every process, or None to use process 0's seed")
     return seeds[0]
+
+
+def capture_training_step(step, optimizer: torch.optim.Optimizer, warmup: int = 3):
+    """Capture one training step in a CUDA graph once, to replay it at every rank: ``(graph, out)``.
+
+    ``step()`` runs forward, backward and ``optimizer.step()`` (no ``zero_grad``: the gradients are
+    left None before the capture, so each replay writes them afresh) and returns what you want to read
+    after a replay (``out``, e.g. the detached loss). It runs ``warmup`` times first, on a side stream:
+    real training steps at the current rank, which also make the dispatcher pick its kernels outside
+    the capture. The optimizer must be ``capturable=True`` (Adam/AdamW keep their step on the GPU).
+    Then, per step: write the rank into the model-wide rank tensor (``RankSampler(model,
+    shared=True).step()``), put the batch into the tensors ``step`` reads (``copy_``), and
+    ``graph.replay()``. Never draw or set the rank inside ``step``: the capture would record that
+    value and every replay would reset the rank to it.
+    """
+    if not all(group.get("capturable", False) for group in optimizer.param_groups):
+        raise ValueError(f"capture_training_step needs an optimizer built with capturable=True (e.g. "
+                         f"torch.optim.AdamW(params, capturable=True)), got {type(optimizer).__name__} without it")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,15 +310,17 @@ def evaluate_ranks(model: nn.Module, inputs, ranks: Iterable[int]) -> dict:
         return t.repeat(copies, *[1] * (t.dim() - 1)) if isinstance(t, Tensor) and t.dim() else t
 
     per_sample = torch.tensor(ranks).repeat_interleave(n)
-    saved = [layer.rank_tensor for layer in layers]  # the buffers themselves, put back as they were
+    # The buffers themselves (set_rank with per-row ranks replaces them, never writes into them), put
+    # back as they were: a model-wide rank tensor stays shared, a compiled model sees the same tensors.
+    saved = [(layer._rank, layer._rank_shared) for layer in layers]
     try:
         for layer in layers:
             layer.set_rank(per_sample.to(layer.lora_A.device))
         with torch.no_grad():
             out = model(*map(repeat, args), **{k: repeat(v) for k, v in kwargs.items()})
     finally:
-        for layer, rank in zip(layers, saved):
-            layer.set_rank(rank)
+        for layer, (rank, shared) in zip(layers, saved):
+            layer._rank, layer._rank_shared = rank, shared
     return dict(zip(ranks, _split(out, copies, n)))
 
 
@@ -255,17 +341,16 @@ def _split(obj, copies: int, n: int) -> list:
 # --------------------------------------------------------------------------------------------
 # Merge for deployment
 # --------------------------------------------------------------------------------------------
-class MergedLinear(nn.Linear):
-    """An nn.Linear whose weight has a DyLoRA adapter folded in at ``merged_rank`` (see merge()).
+class _Merged:
+    """A base layer whose weight has a DyLoRA adapter folded in at ``merged_rank`` (see merge()).
 
     It shares the adapter's weight and bias Parameters, so a merged model's state_dict has exactly
     the base model's keys. The adapter itself is kept outside the module tree (not a submodule, not
     in the state_dict) for unmerge().
     """
 
-    def __init__(self, adapter: DyLoRALinear, rank: int):
+    def _share(self, adapter: DyLoRALinear, rank: int) -> None:
         nn.Module.__init__(self)
-        self.in_features, self.out_features = adapter.in_features, adapter.out_features
         self.weight = adapter.weight
         self.register_parameter("bias", adapter.bias)  # None stays a registered None, as in nn.Linear
         self.__dict__["adapter"] = adapter  # a plain attribute: not registered as a submodule
@@ -275,11 +360,35 @@ class MergedLinear(nn.Linear):
         return f"{super().extra_repr()}, merged_rank={self.merged_rank}"
 
 
+class MergedLinear(_Merged, nn.Linear):
+    """An nn.Linear with a DyLoRA adapter folded into its weight (see merge())."""
+
+    def __init__(self, adapter: DyLoRALinear, rank: int):
+        self._share(adapter, rank)
+        self.in_features, self.out_features = adapter.in_features, adapter.out_features
+
+
+@functools.cache
+def _merged_conv1d_class() -> type:
+    from transformers.pytorch_utils import Conv1D  # only called for a Conv1D, so transformers is there
+
+    class MergedConv1D(_Merged, Conv1D):
+        """A transformers Conv1D (GPT-2) with a DyLoRA adapter folded into its weight (see merge())."""
+
+        def __init__(self, adapter: DyLoRALinear, rank: int):
+            self._share(adapter, rank)
+            self.nx, self.nf = adapter.in_features, adapter.out_features
+
+    return MergedConv1D
+
+
 def _delta(adapter: DyLoRALinear, rank: int) -> Tensor:
-    """(alpha / b) · B[:, :b] · A[:b] in the accumulation dtype (fp32, or fp64 for fp64 weights)."""
+    """(alpha / b) · B[:, :b] · A[:b] in the accumulation dtype (fp32, or fp64 for fp64 weights), laid
+    out as the stored weight ((out, in), or (in, out) for a Conv1D)."""
     dtype = intermediate_dtype(adapter.weight.dtype)
     A, B = adapter.lora_A[:rank].to(dtype), adapter.lora_B[:, :rank].to(dtype)
-    return (adapter.alpha / rank) * (B @ A)
+    delta = (adapter.alpha / rank) * (B @ A)
+    return delta.t() if adapter.fan_in_fan_out else delta
 
 
 @torch.no_grad()
@@ -287,8 +396,9 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
     """Fold every adapter into its base weight, ``W += (alpha/b)·B[:, :b]·A[:b]``, in place.
 
     ``rank``: the b to merge, or None for each layer's current (int) rank. Each DyLoRALinear is
-    replaced by a MergedLinear (a plain nn.Linear forward: the adapter is not added again), which
-    unmerge() takes back out. Returns the merged module names.
+    replaced by a MergedLinear (a plain nn.Linear forward: the adapter is not added again; for a
+    GPT-2 Conv1D a MergedConv1D, a plain Conv1D forward), which unmerge() takes back out. Returns
+    the merged module names.
     """
     layers = _unsharded_layers(model, "merge")
     for name, adapter in layers:  # check every layer before changing any rank or weight
@@ -300,7 +410,8 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
         adapter.set_rank(adapter.rank if rank is None else rank)  # unmerge() keeps this rank
         W = adapter.weight
         W.copy_(W.to(intermediate_dtype(W.dtype)) + _delta(adapter, adapter.rank))
-        _replace(model, name, MergedLinear(adapter, adapter.rank))
+        merged = (_merged_conv1d_class() if adapter.fan_in_fan_out else MergedLinear)(adapter, adapter.rank)
+        _replace(model, name, merged)
     return [name for name, _ in layers]
 
 
@@ -308,7 +419,7 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
 def unmerge(model: nn.Module) -> list[str]:
     """Undo merge(): subtract each merged adapter from its base weight (equal to before up to the
     weight dtype's rounding) and put the DyLoRALinear back. Returns the unmerged module names."""
-    merged = [(name, m) for name, m in model.named_modules() if isinstance(m, MergedLinear)]
+    merged = [(name, m) for name, m in model.named_modules() if isinstance(m, _Merged)]
     if not merged:
         raise ValueError(f"unmerge: {type(model).__name__} has no merged DyLoRA layers")
     for name, m in merged:
@@ -407,7 +518,7 @@ def _safetensors():
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """The module leaf names (e.g. ["query", "value"]) if they select exactly ``names``, else ``names``."""
     leaves = sorted({name.rpartition(".")[2] for name in names})
-    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, DyLoRALinear))]
+    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, DyLoRALinear)) or is_conv1d(m)]
     selected = [n for n in candidates if any(_matches(n, leaf) for leaf in leaves)]
     return leaves if sorted(selected) == sorted(names) else sorted(names)
 
@@ -442,7 +553,9 @@ def export_peft(model: nn.Module, path: str | Path, rank: int | None) -> Path:
     adapter_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
         "r": ranks[first], "lora_alpha": first_layer.alpha, "use_rslora": False, "lora_dropout": 0.0,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        # PEFT reads a Conv1D's (in, out) weight with fan_in_fan_out (it decides per layer type anyway)
+        "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "inference_mode": True, "init_lora_weights": True,
         "target_modules": _target_modules(model, [name for name, _ in layers]),
         # PEFT matches pattern keys as regexes against module names: escape the dots
         "rank_pattern": {re.escape(n): b for n, b in ranks.items() if b != ranks[first]},
@@ -466,14 +579,15 @@ def _peft_alpha(config: dict, name: str) -> float:
 def load_peft(model: nn.Module, path: str | Path, frozen_prefix: bool = True) -> list[str]:
     """Turn ``model`` (the base model) into a DyLoRA model holding a PEFT LoRA adapter from ``path``.
 
-    Each adapted nn.Linear becomes a DyLoRALinear with r_max = the adapter's r and alpha chosen so
+    Each adapted nn.Linear (or GPT-2 Conv1D) becomes a DyLoRALinear with r_max = the adapter's r and alpha chosen so
     that at rank r it computes what PEFT computes (alpha = PEFT's scale · r, rsLoRA included).
     Lower ranks then truncate the adapter; training on with RankSampler makes them good. Every other
     parameter is frozen. Returns the adapted module names.
     """
     path = Path(path)
     config = json.loads((path / "adapter_config.json").read_text())
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "lora_bias") if config.get(k)]
+    # fan_in_fan_out only says how the base weight is stored (PEFT follows the layer type: Conv1D or not)
+    unsupported = [k for k in ("use_dora", "lora_bias") if config.get(k)]
     if config.get("peft_type") != "LORA" or unsupported:
         raise ValueError(f"load_peft: {path} is not a plain PEFT LoRA adapter (peft_type="
                          f"{config.get('peft_type')!r}, unsupported options: {unsupported})")
@@ -491,8 +605,7 @@ def load_peft(model: nn.Module, path: str | Path, frozen_prefix: bool = True) ->
         A, B = state[f"{PEFT_PREFIX}{name}.lora_A.weight"], state[f"{PEFT_PREFIX}{name}.lora_B.weight"]
         r = A.shape[0]
         scale = _peft_alpha(config, name) / (math.sqrt(r) if config.get("use_rslora") else r)
-        layer = DyLoRALinear.from_linear(model.get_submodule(name), r_max=r, alpha=scale * r,
-                                         frozen_prefix=frozen_prefix)
+        layer = _adapter(model.get_submodule(name), r, scale * r, frozen_prefix)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)

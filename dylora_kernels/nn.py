@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 from torch import Tensor, nn
 
 from .ops import check_alpha, check_int_rank, check_rank, dylora_linear
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers, weight stored (K, N)).
+    Looked up, not imported: without transformers imported no Conv1D can exist."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
 
 
 class DyLoRALinear(nn.Module):
@@ -18,6 +26,9 @@ class DyLoRALinear(nn.Module):
     with :meth:`set_rank`: an int, a 0-d integer tensor, or a 1-D tensor with one rank per row of
     the flattened input (or one per sample along the first dimension of a batch-first input of 3 or
     more dimensions). It is kept as a tensor buffer so that changing it never recompiles.
+
+    ``fan_in_fan_out=True`` (what :meth:`from_conv1d` builds for GPT-2's ``Conv1D``): ``weight`` is
+    stored (in_features, out_features) and the kernels read its transpose, a strided view (no copy).
     """
 
     def __init__(self, in_features: int, out_features: int, r_max: int, alpha: float,
@@ -33,18 +44,33 @@ class DyLoRALinear(nn.Module):
         """Wrap an existing nn.Linear: its weight and bias Parameters are shared (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls._wrap(linear.weight, linear.bias, r_max, alpha, frozen_prefix, fan_in_fan_out=False)
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, r_max: int, alpha: float,
+                    frozen_prefix: bool = True) -> "DyLoRALinear":
+        """Wrap transformers' ``Conv1D`` (GPT-2: ``y = x·W + bias`` with W stored (in, out)): its weight
+        and bias Parameters are shared (no copy, same shape, so state-dict keys and shapes stay the
+        model's) and frozen; the kernels read ``weight.t()``, a view."""
+        if not is_conv1d(conv):
+            raise TypeError(f"from_conv1d expects a transformers Conv1D, got {type(conv).__name__}")
+        return cls._wrap(conv.weight, conv.bias, r_max, alpha, frozen_prefix, fan_in_fan_out=True)
+
+    @classmethod
+    def _wrap(cls, weight, bias, r_max, alpha, frozen_prefix, fan_in_fan_out) -> "DyLoRALinear":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init(linear.weight, linear.bias, r_max, alpha, frozen_prefix)
+        layer._init(weight, bias, r_max, alpha, frozen_prefix, fan_in_fan_out)
         return layer
 
     def _init(self, weight: nn.Parameter, bias: nn.Parameter | None, r_max: int, alpha: float,
-              frozen_prefix: bool) -> None:
+              frozen_prefix: bool, fan_in_fan_out: bool = False) -> None:
         if isinstance(r_max, bool) or not isinstance(r_max, numbers.Integral) or r_max < 1:
             raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
         if type(frozen_prefix) is not bool:
             raise TypeError(f"frozen_prefix must be a bool, got {type(frozen_prefix).__name__} {frozen_prefix!r}")
-        self.out_features, self.in_features = weight.shape
+        self.fan_in_fan_out = fan_in_fan_out
+        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         self.r_max, self.alpha, self.frozen_prefix = int(r_max), check_alpha(alpha), frozen_prefix
         self.weight = weight
         self.bias = bias
@@ -57,6 +83,24 @@ class DyLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT's LoRA
         # The rank is runtime data, always int64; not saved in the state_dict (a choice, not a weight).
         self.register_buffer("_rank", torch.tensor(self.r_max, device=weight.device), persistent=False)
+        self._rank_shared = False  # True while _rank is a model-wide tensor (RankSampler(shared=True))
+
+    @property
+    def weight_nk(self) -> Tensor:
+        """The base weight as (out_features, in_features): the weight itself, or for a Conv1D its
+        transpose (a view)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def share_rank(self, rank: Tensor) -> None:
+        """Read the rank from ``rank`` (a 0-d int64 tensor on the layer's device, owned by the caller,
+        e.g. RankSampler's model-wide rank) from now on: writing into it changes this layer's rank, with
+        no per-layer work. A later :meth:`set_rank` gives the layer its own buffer again."""
+        if not (isinstance(rank, Tensor) and rank.dim() == 0 and rank.dtype == torch.int64
+                and rank.device == self._rank.device):
+            got = (f"{rank.dtype} of shape {tuple(rank.shape)} on {rank.device}" if isinstance(rank, Tensor)
+                   else type(rank).__name__)
+            raise ValueError(f"share_rank needs a 0-d int64 tensor on {self._rank.device}, got {got}")
+        self._rank, self._rank_shared = rank, True
 
     @property
     def rank(self) -> int | Tensor:
@@ -73,7 +117,11 @@ class DyLoRALinear(nn.Module):
 
         A one-rank change (int or 0-d tensor) while the layer holds one rank is written into the same
         buffer (no new tensor: no recompilation); a per-row rank replaces the buffer with an int64 copy
-        (the caller's tensor is never kept: a later in-place change would write into it)."""
+        (the caller's tensor is never kept: a later in-place change would write into it). A layer that
+        shared a model-wide rank tensor (:meth:`share_rank`) gets its own buffer first, so the others
+        keep theirs."""
+        if self._rank_shared:
+            self._rank, self._rank_shared = self._rank.clone(), False
         if not isinstance(rank, Tensor) and self._rank.dim() == 0:
             self._rank.fill_(check_int_rank(rank, self.r_max))  # in place: no new tensor, no recompilation
             return
@@ -88,7 +136,7 @@ class DyLoRALinear(nn.Module):
         if rank.dim() == 1 and x.dim() > 2 and rank.shape[0] == x.shape[0]:
             # One rank per sample of a batch-first input: the same rank for all of its rows.
             rank = rank.repeat_interleave(math.prod(x.shape[1:-1]))
-        return dylora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, rank,
+        return dylora_linear(x, self.weight_nk, self.bias, self.lora_A, self.lora_B, rank,
                              self.alpha, frozen_prefix=self.frozen_prefix)
 
     def extra_repr(self) -> str:
@@ -96,4 +144,4 @@ class DyLoRALinear(nn.Module):
         mode = "frozen_prefix" if self.frozen_prefix else "full"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r_max={self.r_max}, alpha={self.alpha}, "
-                f"rank={rank}, mode={mode}")
+                f"rank={rank}, mode={mode}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
