@@ -10,7 +10,7 @@ setup(
     ext_modules=[
         CppExtension(
             "dylora_kernels._C",
-            sources=["csrc/dylora.cpp"],
+            sources=["csrc/dylora.cpp", "csrc/conv.cpp"],
             extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
         )
     ],

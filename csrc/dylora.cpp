@@ -603,6 +603,10 @@ TORCH_LIBRARY_IMPL(dylora, AutocastCUDA, m) {
 
 }  // namespace dylora
 
+namespace dylora {
+void add_conv_functions(pybind11::module_& m);  // csrc/conv.cpp
+}
+
 // The ATen composition as plain functions, for the Python CUDA router (the "cublas" backend) and for
 // tests that run the device-rank path on CPU tensors.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -611,4 +615,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &dylora::backward_aten, "(dx, dA, dB) through ATen");
   m.def("forward_device_rank", &dylora::forward_device_rank, "the device-rank path (tests)");
   m.def("backward_device_rank", &dylora::backward_device_rank, "the device-rank path (tests)");
+  dylora::add_conv_functions(m);
 }
