@@ -126,6 +126,8 @@ def test_device_rank_path(case, rank_kind, frozen):
     dx, dA, dB = _C.conv_backward(g, x, W, A, B, u, rank, 2.5, *args, frozen, True, True, True)
     for name, out, exp in (("y", y, expected_y), ("dx", dx, dx_ref), ("dA", dA, dA_ref), ("dB", dB, dB_ref)):
         assert torch.isfinite(out).all() and rel_err(out, exp) <= 1e-12, (name, rel_err(out, exp))
+    _, dA, dB = _C.conv_backward(g, x, W, A, B, u, rank, 2.5, *args, frozen, False, True, True)  # no dx: v's
+    assert rel_err(dA, dA_ref) <= 1e-12 and rel_err(dB, dB_ref) <= 1e-12  # trained channel alone (frozen, 0-d)
     # and it agrees with the host-rank path exactly where the saved u is concerned (zero beyond b_n)
     _, u_host = _C.conv_forward(x, W, bias, None, A, B, rank, 2.5, *args, True, False)
     assert rel_err(u, u_host) <= 1e-12 and u.shape == u_host.shape

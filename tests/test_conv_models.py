@@ -58,7 +58,7 @@ def test_module_is_a_drop_in(cls, base):
     assert type(layer) is cls and layer.weight is base.weight and not layer.weight.requires_grad
     spatial = {dk.DyLoRAConv1d: (11,), dk.DyLoRAConv2d: (8, 9), dk.DyLoRAConv3d: (5, 6, 5)}[cls]
     x = torch.randn(3, 5, *spatial, dtype=torch.float64)
-    assert torch.equal(layer(x), base(x))
+    assert rel_err(layer(x), base(x)) <= 1e-14  # B = 0 (the base conv runs with A's channels: rounding)
     randomize_adapters(layer)
     for rank in (1, 4, torch.tensor([2, 4, 1])):
         layer.set_rank(rank)
@@ -78,7 +78,7 @@ def test_inject_merge_unmerge_and_evaluate_ranks():
     assert isinstance(model.conv_in, dk.DyLoRAConv2d) and isinstance(model.head, dk.DyLoRALinear)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         f"{m}.lora_{ab}" for m in names for ab in "AB"]
-    assert rel_err(model(x), reference_model(x)) == 0  # B = 0: the base model
+    assert rel_err(model(x), reference_model(x)) <= 1e-14  # B = 0: the base model
     randomize_adapters(model)
     outputs = dk.evaluate_ranks(model, x, [1, 3, 6])
     for b in (1, 3, 6):
