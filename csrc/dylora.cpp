@@ -666,12 +666,15 @@ TORCH_LIBRARY_IMPL(dylora, AutocastCUDA, m) {
 
 }  // namespace dylora
 
-// The ATen composition as plain functions, for the Python CUDA router (the "cublas" backend) and for
-// tests that run the device-rank path on CPU tensors.
-namespace dylora::executor {
+namespace dylora {
+void add_conv_functions(pybind11::module_& m);  // csrc/conv.cpp
+namespace executor {
 void register_bindings(pybind11::module& m);  // csrc/plan.cpp
 }
+}  // namespace dylora
 
+// The ATen composition as plain functions, for the Python CUDA router (the "cublas" backend) and for
+// tests that run the device-rank path on CPU tensors.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dylora C++ kernels; call them through torch.ops.dylora (see dylora_kernels/ops.py)";
   m.def("forward", &dylora::forward_aten, "(y, u) through ATen: host-rank or device-rank path");
@@ -681,4 +684,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_lean", &dylora::forward_lean, "the lean composition: device-rank path of the GPU build (tests)");
   m.def("backward_lean", &dylora::backward_lean, "the lean composition (tests)");
   dylora::executor::register_bindings(m);
+  dylora::add_conv_functions(m);
 }

@@ -11,8 +11,9 @@ The workflow::
     outputs = evaluate_ranks(model, batch, range(1, 9))           # {b: output}, one forward
     merge(model, 4)  or  export_peft(model, "adapter/", rank=4)   # deploy the rank you picked
 
-Every function finds the adapters by walking ``model.named_modules()`` for DyLoRALinear layers, so
-they work on any nn.Module: Hugging Face transformers models, nn.Sequential, your own.
+Every function finds the adapters by walking ``model.named_modules()`` for DyLoRA layers (DyLoRALinear,
+DyLoRAConv1d/2d/3d), so they work on any nn.Module: Hugging Face transformers and diffusers models,
+nn.Sequential, your own.
 """
 from __future__ import annotations
 
@@ -28,11 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .nn import DyLoRALinear, is_conv1d
+from .conv import merged_delta
+from .nn import DyLoRAConv1d, DyLoRAConv2d, DyLoRAConv3d, DyLoRAConvNd, DyLoRALinear, is_conv1d
 from .ops import check_int_rank, check_rank, intermediate_dtype
 from .reference import rank_masks
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model: PEFT's state-dict key prefix
+ADAPTERS = (DyLoRALinear, DyLoRAConvNd)
+CONVS = {nn.Conv1d: DyLoRAConv1d, nn.Conv2d: DyLoRAConv2d, nn.Conv3d: DyLoRAConv3d}  # the layers inject() wraps
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,10 +47,10 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _layers(model: nn.Module) -> list[tuple[str, DyLoRALinear]]:
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, DyLoRALinear)]
+def _layers(model: nn.Module) -> list[tuple[str, DyLoRALinear | DyLoRAConvNd]]:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTERS)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no DyLoRALinear layers: call inject() first "
+        raise ValueError(f"{type(model).__name__} has no DyLoRALinear layers (nor DyLoRAConv1d/2d/3d): call inject() first "
                          "(or unmerge() a merged model)")
     return layers
 
@@ -70,7 +74,7 @@ def _is_sharded(t: Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
-def _unsharded_layers(model: nn.Module, caller: str) -> list[tuple[str, DyLoRALinear]]:
+def _unsharded_layers(model: nn.Module, caller: str) -> list[tuple[str, DyLoRALinear | DyLoRAConvNd]]:
     layers = _layers(model)
     sharded = [name for name, layer in layers if _is_sharded(layer.lora_A)]
     if sharded:
@@ -92,8 +96,11 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         p.requires_grad_(id(p) in adapters)
 
 
-def _adapter(module: nn.Module, r_max: int, alpha: float, frozen_prefix: bool) -> DyLoRALinear:
-    """A DyLoRALinear sharing ``module``'s weight and bias: an nn.Linear, or transformers' Conv1D."""
+def _adapter(module: nn.Module, r_max: int, alpha: float, frozen_prefix: bool) -> DyLoRALinear | DyLoRAConvNd:
+    """A DyLoRALinear sharing ``module``'s weight and bias (an nn.Linear, or transformers' Conv1D), or a
+    DyLoRAConv1d/2d/3d for an nn.Conv1d/2d/3d."""
+    if type(module) in CONVS:
+        return CONVS[type(module)].from_conv(module, r_max, alpha, frozen_prefix=frozen_prefix)
     if is_conv1d(module):
         return DyLoRALinear.from_conv1d(module, r_max, alpha, frozen_prefix=frozen_prefix)
     return DyLoRALinear.from_linear(module, r_max, alpha, frozen_prefix=frozen_prefix)
@@ -101,8 +108,8 @@ def _adapter(module: nn.Module, r_max: int, alpha: float, frozen_prefix: bool) -
 
 def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, alpha: float,
            frozen_prefix: bool = True) -> list[str]:
-    """Replace the nn.Linear (or transformers Conv1D, as GPT-2's ``c_attn``) modules named by
-    ``target_modules`` by DyLoRALinear adapters, in place.
+    """Replace the nn.Linear (or transformers Conv1D, as GPT-2's ``c_attn``; nn.Conv1d/2d/3d) modules named by
+    ``target_modules`` by DyLoRALinear (DyLoRAConv1d/2d/3d) adapters, in place.
 
     A target matches a module whose name equals it or ends with ``"." + target`` (PEFT's rule, e.g.
     ``["query", "value"]`` on BERT, ``["q_proj", "v_proj"]`` on LLaMA, ``["c_attn"]`` on GPT-2,
@@ -111,16 +118,19 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, al
     through a transposed view). Returns the names of the replaced modules.
     """
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    linears = [name for name, m in model.named_modules() if name and (isinstance(m, nn.Linear) or is_conv1d(m))]
+    linears = [name for name, m in model.named_modules()
+               if name and (isinstance(m, nn.Linear) or is_conv1d(m) or type(m) in CONVS)]
     missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
     if missing or not targets:
         shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "") or "none"
-        raise ValueError(f"inject: target_modules {missing or targets} match no nn.Linear or Conv1D module of "
-                         f"{type(model).__name__} (by exact name or '.'-suffix); its nn.Linear / Conv1D modules "
+        raise ValueError(f"inject: target_modules {missing or targets} match no nn.Linear, Conv1D or nn.Conv1d/2d/3d "
+                         f"module of {type(model).__name__} (by exact name or '.'-suffix); its such modules "
                          f"include: {shown}")
     names = [name for name in linears if any(_matches(name, t) for t in targets)]
-    for name in names:
-        _replace(model, name, _adapter(model.get_submodule(name), r_max, alpha, frozen_prefix))
+    # every target wrapped (from_conv refuses grouped convolutions) before any is replaced
+    wrapped = {name: _adapter(model.get_submodule(name), r_max, alpha, frozen_prefix) for name in names}
+    for name, layer in wrapped.items():
+        _replace(model, name, layer)
     _freeze_all_but_adapters(model)
     return names
 
@@ -382,13 +392,38 @@ def _merged_conv1d_class() -> type:
     return MergedConv1D
 
 
-def _delta(adapter: DyLoRALinear, rank: int) -> Tensor:
-    """(alpha / b) · B[:, :b] · A[:b] in the accumulation dtype (fp32, or fp64 for fp64 weights), laid
-    out as the stored weight ((out, in), or (in, out) for a Conv1D)."""
-    dtype = intermediate_dtype(adapter.weight.dtype)
-    A, B = adapter.lora_A[:rank].to(dtype), adapter.lora_B[:, :rank].to(dtype)
-    delta = (adapter.alpha / rank) * (B @ A)
-    return delta.t() if adapter.fan_in_fan_out else delta
+class _MergedConv(_Merged):
+    """A convolution whose weight has a DyLoRA adapter folded in (see merge(); as MergedLinear)."""
+
+    def __init__(self, adapter: DyLoRAConvNd, rank: int):
+        self._share(adapter, rank)
+        self.in_channels, self.out_channels, self.kernel_size = adapter.in_channels, adapter.out_channels, adapter.kernel_size
+        self.stride, self.padding, self.dilation = adapter.stride, adapter.padding, adapter.dilation
+        self.transposed, self.output_padding, self.groups, self.padding_mode = False, (0,) * adapter._dims, 1, "zeros"
+        self._reversed_padding_repeated_twice = [p for p in reversed(adapter.padding) for _ in range(2)]
+
+
+class MergedConv1d(_MergedConv, nn.Conv1d):
+    """An nn.Conv1d with a DyLoRA adapter folded in."""
+
+
+class MergedConv2d(_MergedConv, nn.Conv2d):
+    """An nn.Conv2d with a DyLoRA adapter folded in."""
+
+
+class MergedConv3d(_MergedConv, nn.Conv3d):
+    """An nn.Conv3d with a DyLoRA adapter folded in."""
+
+
+MERGED = {DyLoRAConv1d: MergedConv1d, DyLoRAConv2d: MergedConv2d, DyLoRAConv3d: MergedConv3d}
+
+
+def _delta(adapter: DyLoRALinear | DyLoRAConvNd, rank: int) -> Tensor:
+    """(alpha / b) · B[:, :b] · A[:b] in the accumulation dtype (fp32, or fp64 for fp64 weights), laid out as the
+    stored weight ((out, in); (in, out) for a Conv1D; for a convolution a 1×1 conv after a k×k conv is one k×k
+    conv)."""
+    delta = merged_delta(adapter.lora_A, adapter.lora_B, rank, adapter.alpha, intermediate_dtype(adapter.weight.dtype))
+    return delta.t() if getattr(adapter, "fan_in_fan_out", False) else delta
 
 
 @torch.no_grad()
@@ -397,8 +432,8 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
 
     ``rank``: the b to merge, or None for each layer's current (int) rank. Each DyLoRALinear is
     replaced by a MergedLinear (a plain nn.Linear forward: the adapter is not added again; for a
-    GPT-2 Conv1D a MergedConv1D, a plain Conv1D forward), which unmerge() takes back out. Returns
-    the merged module names.
+    GPT-2 Conv1D a MergedConv1D, a plain Conv1D forward; MergedConv1d/2d/3d for convolutions), which unmerge()
+    takes back out. Returns the merged module names.
     """
     layers = _unsharded_layers(model, "merge")
     for name, adapter in layers:  # check every layer before changing any rank or weight
@@ -410,7 +445,10 @@ def merge(model: nn.Module, rank: int | None = None) -> list[str]:
         adapter.set_rank(adapter.rank if rank is None else rank)  # unmerge() keeps this rank
         W = adapter.weight
         W.copy_(W.to(intermediate_dtype(W.dtype)) + _delta(adapter, adapter.rank))
-        merged = (_merged_conv1d_class() if adapter.fan_in_fan_out else MergedLinear)(adapter, adapter.rank)
+        if isinstance(adapter, DyLoRAConvNd):
+            merged = MERGED[type(adapter)](adapter, adapter.rank)
+        else:
+            merged = (_merged_conv1d_class() if adapter.fan_in_fan_out else MergedLinear)(adapter, adapter.rank)
         _replace(model, name, merged)
     return [name for name, _ in layers]
 
@@ -442,7 +480,7 @@ class _Hooks:
             handle.remove()
 
 
-def _trained_slots(layer: DyLoRALinear) -> Tensor:
+def _trained_slots(layer: DyLoRALinear | DyLoRAConvNd) -> Tensor:
     """(r_max,) bool: the rank slots the current rank(s) train (reference.rank_masks' rule)."""
     _, trained = rank_masks(layer.rank_tensor, layer.r_max, layer.frozen_prefix)
     return trained.ne(0).any(0)
@@ -484,7 +522,8 @@ def freeze_untrained_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -
         saved.clear()
         for layer in layers:
             slots = _trained_slots(layer)
-            for p, keep in ((layer.lora_A, slots[:, None]), (layer.lora_B, slots[None, :])):
+            rows = slots.view(-1, *[1] * (layer.lora_A.dim() - 1))  # lora_A's slots: dim 0 (of 2 or 3-5 dims)
+            for p, keep in ((layer.lora_A, rows), (layer.lora_B, slots[None, :])):
                 keep = _shaped_like(keep, p)
                 state = [v for v in opt.state.get(p, {}).values()
                          if isinstance(v, Tensor) and v.shape == p.shape]
@@ -518,7 +557,7 @@ def _safetensors():
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """The module leaf names (e.g. ["query", "value"]) if they select exactly ``names``, else ``names``."""
     leaves = sorted({name.rpartition(".")[2] for name in names})
-    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, DyLoRALinear)) or is_conv1d(m)]
+    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONVS, *ADAPTERS)) or is_conv1d(m)]
     selected = [n for n in candidates if any(_matches(n, leaf) for leaf in leaves)]
     return leaves if sorted(selected) == sorted(names) else sorted(names)
 
@@ -542,11 +581,15 @@ def export_peft(model: nn.Module, path: str | Path, rank: int | None) -> Path:
         if not isinstance(ranks[name], int) or not 1 <= ranks[name] <= layer.r_max:
             raise ValueError(f"export_peft: layer {name} needs an int rank in [1, {layer.r_max}], "
                              f"got {ranks[name]!r}")
+        if isinstance(layer, DyLoRAConvNd) and any(d != 1 for d in layer.dilation):
+            raise ValueError(f"export_peft: layer {name} is a dilated convolution (dilation={layer.dilation}); "
+                             "PEFT's LoRA conv runs lora_A undilated, so it would compute something else")
     tensors = {}
     for name, layer in layers:
         b = ranks[name]
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:b].detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[:, :b].detach().cpu().contiguous()
+        B = layer.lora_B[:, :b].detach().cpu().contiguous()  # a conv's is PEFT's 1×1 conv weight (C_out, b, 1, ...)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.view(*B.shape, *[1] * (layer.lora_A.dim() - 2))
     first, first_layer = layers[0]
     config = getattr(model, "config", None)
     base_name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
@@ -579,7 +622,7 @@ def _peft_alpha(config: dict, name: str) -> float:
 def load_peft(model: nn.Module, path: str | Path, frozen_prefix: bool = True) -> list[str]:
     """Turn ``model`` (the base model) into a DyLoRA model holding a PEFT LoRA adapter from ``path``.
 
-    Each adapted nn.Linear (or GPT-2 Conv1D) becomes a DyLoRALinear with r_max = the adapter's r and alpha chosen so
+    Each adapted nn.Linear (GPT-2 Conv1D, nn.Conv1d/2d/3d) becomes a DyLoRALinear (DyLoRAConv1d/2d/3d) with r_max = the adapter's r and alpha chosen so
     that at rank r it computes what PEFT computes (alpha = PEFT's scale · r, rsLoRA included).
     Lower ranks then truncate the adapter; training on with RankSampler makes them good. Every other
     parameter is frozen. Returns the adapted module names.
@@ -608,7 +651,7 @@ def load_peft(model: nn.Module, path: str | Path, frozen_prefix: bool = True) ->
         layer = _adapter(model.get_submodule(name), r, scale * r, frozen_prefix)
         with torch.no_grad():
             layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B)
+            layer.lora_B.copy_(B.flatten(1))  # a conv's (C_out, r, 1, ...) 1×1 weight as (C_out, r)
         _replace(model, name, layer)
     _freeze_all_but_adapters(model)
     return names

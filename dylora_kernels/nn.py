@@ -8,6 +8,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from .conv import dylora_conv1d, dylora_conv2d, dylora_conv3d
 from .ops import check_alpha, check_int_rank, check_rank, dylora_linear
 
 
@@ -145,3 +146,100 @@ class DyLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r_max={self.r_max}, alpha={self.alpha}, "
                 f"rank={rank}, mode={mode}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+
+
+class DyLoRAConvNd(nn.Module):
+    """A drop-in nn.Conv1d/2d/3d (groups = 1, zero padding) with a DyLoRA adapter: ``y = conv(x, W) + bias +
+    (alpha/b)·conv1x1(conv(x, A[:b]), B[:, :b])``, the base weight and bias frozen.
+
+    ``lora_A`` (r_max, C_in, *kernel_size) convolves with the base's stride, padding and dilation;
+    ``lora_B`` (C_out, r_max) is the 1×1 expand (PEFT's LoRA Conv layout, flattened). ``lora_A`` starts
+    Kaiming-uniform and ``lora_B`` at zero, so a fresh layer equals its base. The rank (default r_max) is an
+    int, a 0-d tensor or a 1-D tensor with one rank per sample, set with :meth:`set_rank` (kept as a
+    tensor buffer: changing it never recompiles). Build one with :meth:`from_conv`.
+    """
+    _dims = 0
+    _base_type: type = nn.Module
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, r_max: int, alpha: float, frozen_prefix: bool = True) -> "DyLoRAConvNd":
+        """Wrap an existing convolution: its weight and bias Parameters are shared (no copy) and frozen."""
+        if cls is DyLoRAConvNd:
+            cls = {1: DyLoRAConv1d, 2: DyLoRAConv2d, 3: DyLoRAConv3d}.get(_conv_dims(conv), cls)
+        if type(conv) is not cls._base_type:
+            raise TypeError(f"{cls.__name__}.from_conv expects an {cls._base_type.__name__}, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"{cls.__name__}: grouped convolutions (groups={conv.groups}) are not supported, groups=1 only")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{cls.__name__}: padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
+        padding = conv.padding
+        if isinstance(padding, str):  # 'valid' = 0; 'same' where it is symmetric (odd dilated kernels)
+            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            if padding == "same" and any(t % 2 for t in total):
+                raise ValueError(f"{cls.__name__}: padding='same' with an even dilated kernel {conv.kernel_size} "
+                                 "needs asymmetric padding, which is not supported")
+            padding = tuple(t // 2 for t in total) if padding == "same" else (0,) * cls._dims
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init(conv.weight, conv.bias, tuple(conv.stride), tuple(padding), tuple(conv.dilation), r_max, alpha,
+                    frozen_prefix)
+        return layer
+
+    def _init(self, weight, bias, stride, padding, dilation, r_max, alpha, frozen_prefix) -> None:
+        if isinstance(r_max, bool) or not isinstance(r_max, numbers.Integral) or r_max < 1:
+            raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
+        if type(frozen_prefix) is not bool:
+            raise TypeError(f"frozen_prefix must be a bool, got {type(frozen_prefix).__name__} {frozen_prefix!r}")
+        self.out_channels, self.in_channels = weight.shape[:2]
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.r_max, self.alpha, self.frozen_prefix = int(r_max), check_alpha(alpha), frozen_prefix
+        self.weight, self.bias = weight, bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r_max, self.in_channels, *self.kernel_size, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_channels, self.r_max, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Conv2d and PEFT's LoRA
+        self.register_buffer("_rank", torch.tensor(self.r_max, device=weight.device), persistent=False)
+
+    rank = DyLoRALinear.rank
+    rank_tensor = DyLoRALinear.rank_tensor
+    set_rank = DyLoRALinear.set_rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == self._dims + 1
+        y = _CONV_OPS[self._dims](x.unsqueeze(0) if unbatched else x, self.weight, self.bias, self.lora_A,
+                                  self.lora_B, self._rank, self.alpha, stride=self.stride, padding=self.padding,
+                                  dilation=self.dilation, frozen_prefix=self.frozen_prefix)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        rank = self.rank if isinstance(self.rank, int) else f"per-sample{tuple(self._rank.shape)}"
+        mode = "frozen_prefix" if self.frozen_prefix else "full"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"r_max={self.r_max}, alpha={self.alpha}, rank={rank}, mode={mode}")
+
+
+def _conv_dims(conv: nn.Module) -> int:
+    return {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}.get(type(conv), 0)
+
+
+class DyLoRAConv1d(DyLoRAConvNd):
+    """:class:`DyLoRAConvNd` for nn.Conv1d."""
+    _dims, _base_type = 1, nn.Conv1d
+
+
+class DyLoRAConv2d(DyLoRAConvNd):
+    """:class:`DyLoRAConvNd` for nn.Conv2d."""
+    _dims, _base_type = 2, nn.Conv2d
+
+
+class DyLoRAConv3d(DyLoRAConvNd):
+    """:class:`DyLoRAConvNd` for nn.Conv3d."""
+    _dims, _base_type = 3, nn.Conv3d
+
+
+_CONV_OPS = {1: dylora_conv1d, 2: dylora_conv2d, 3: dylora_conv3d}

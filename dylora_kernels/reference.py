@@ -92,3 +92,35 @@ def _per_row_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank: Tensor, alpha
         term = (low_rank(used, u_frozen, B_frozen)
                 + low_rank(trained, x2 @ A.t(), B) - low_rank(trained, u_frozen, B_frozen))
     return term.to(x.dtype).view(*x.shape[:-1], B.shape[0])
+
+
+def dylora_conv(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                rank: int | Tensor, alpha: float, stride, padding, dilation, frozen_prefix: bool = False, *,
+                base: Tensor | None = None) -> Tensor:
+    """Naive-slicing DyLoRA convolution (1-, 2- or 3-d by x's rank), ``weight=None``: the low-rank term
+    alone (plus bias and ``base``). ``y = conv(x, W) + bias + base + (α/b)·conv1x1(conv(x, A[:b]), B[:, :b])``.
+    ``rank``: an int, a 0-d integer tensor, or one rank per sample (x.shape[0]), computed sample by
+    sample. No validation here (see ``conv.dylora_conv2d``)."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    if isinstance(rank, Tensor) and rank.dim() == 1:
+        parts = [dylora_conv(x[n:n + 1], weight, bias, lora_A, lora_B, int(rank[n]), alpha, stride, padding,
+                             dilation, frozen_prefix, base=None if base is None else base[n:n + 1])
+                 for n in range(x.shape[0])]
+        return torch.cat(parts) if parts else conv(x, lora_A[:1], None, stride, padding, dilation)[:, :0]
+    b = int(rank)
+    A_b, B_b = lora_A[:b], lora_B[:, :b]
+    if frozen_prefix:  # only slot b-1 of A and B is trained
+        A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]], dim=0)
+        B_b = torch.cat([B_b[:, :-1].detach(), B_b[:, -1:]], dim=1)
+    x_lr = x.to(lora_A.dtype)
+    u = conv(x_lr, A_b, None, stride, padding, dilation)
+    term = ((alpha / b) * conv(u, B_b.reshape(*B_b.shape, *[1] * (x.dim() - 2)))).to(x.dtype)
+    if weight is not None:
+        out = conv(x, weight, bias, stride, padding, dilation)
+    elif bias is not None:
+        out = bias.reshape(-1, *[1] * (x.dim() - 2)).expand_as(term)
+    else:
+        out = None
+    if base is not None:
+        out = base if out is None else out + base
+    return term if out is None else out + term

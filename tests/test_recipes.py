@@ -122,30 +122,88 @@ def test_lycoris_recipe_matches_lycoris_at_every_block(monkeypatch, dtype, lora_
         assert_grads_match(grads_ours, grads_ref, TOL[dtype])
 
 
+def lycoris_conv_layer(conv, lora_dim, block_size, alpha, multiplier, dtype, seed=0):
+    """A DyLoraModule on a frozen nn.Conv1d/2d/3d with a random base and every block random."""
+    g = torch.Generator().manual_seed(seed)
+    conv = conv.to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    module = DyLoraModule("layer", conv, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha,
+                          block_size=block_size).to(dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return module
+
+
+CONV_LAYERS = {  # (layer, input spatial size): 3×3 as SD's UNet, strided + dilated, 1×1, reflect padding, 1d, 3d
+    "2d-3x3": (lambda: nn.Conv2d(6, 5, 3, padding=1), (9, 7)),
+    "2d-strided-dilated": (lambda: nn.Conv2d(6, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), bias=False),
+                           (11, 8)),
+    "2d-1x1": (lambda: nn.Conv2d(6, 5, 1), (4, 5)),
+    "2d-reflect": (lambda: nn.Conv2d(6, 5, 3, padding=1, padding_mode="reflect"), (6, 7)),
+    "1d": (lambda: nn.Conv1d(6, 5, 3, stride=2, padding=1), (13,)),
+    "3d": (lambda: nn.Conv3d(6, 5, 3, padding=1), (3, 4, 5)),
+}
+
+
+@needs_lycoris
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("lora_dim,block_size", [(8, 1), (8, 2), (12, 4)])
+@pytest.mark.parametrize("layer", list(CONV_LAYERS))
+def test_lycoris_recipe_matches_lycoris_conv_at_every_block(monkeypatch, dtype, lora_dim, block_size, layer):
+    make, spatial = CONV_LAYERS[layer]
+    module = lycoris_conv_layer(make(), lora_dim, block_size, alpha=3.0, multiplier=0.75, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, *spatial, dtype=dtype, generator=g)
+    with torch.no_grad():
+        grad = torch.randn(module.org_forward(x).shape, dtype=dtype, generator=g)
+    ours_forward = RECIPES["lycoris_dylora_forward"]
+    for b in range(lora_dim // block_size):
+        calls = forced_block(monkeypatch, lora_dim // block_size, b)
+        y_ref, dx_ref, grads_ref = run_lycoris(DyLoraModule.forward, module, x, grad)
+        y, dx, grads_ours = run_lycoris(ours_forward, module, x, grad)
+        assert calls == [(0, lora_dim // block_size - 1)] * 2
+        assert y.dtype == dtype and rel_err(y, y_ref) <= TOL[dtype], (b, rel_err(y, y_ref))
+        assert rel_err(dx, dx_ref) <= TOL[dtype], (b, rel_err(dx, dx_ref))
+        assert [n for n, v in grads_ref.items() if v is not None] == [f"up_list.{b}", f"down_list.{b}"]
+        assert_grads_match(grads_ours, grads_ref, TOL[dtype])
+
+
+@needs_lycoris
+def test_lycoris_recipe_refuses_grouped_conv():
+    module = lycoris_conv_layer(nn.Conv2d(6, 4, 3, groups=2), 4, 1, alpha=1.0, multiplier=1.0, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="groups=1"):
+        RECIPES["lycoris_dylora_forward"](module, torch.randn(1, 6, 5, 5, dtype=torch.float64))
+
+
 @needs_lycoris
 def test_lycoris_recipe_installed_in_a_network(monkeypatch):
     """The README's install lines: DyLoraModule.forward patched before create_lycoris/apply_to, a
-    two-layer model, each layer drawing its own block from the seeded Python RNG."""
+    conv layer and two linear layers, each layer drawing its own block from the seeded Python RNG."""
     import random
 
     def build():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 16)).double().requires_grad_(False)
-        network = lycoris.create_lycoris(model, 0.5, linear_dim=8, linear_alpha=4.0, algo="dylora", block_size=2)
+        model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.Flatten(2), nn.Linear(16, 40), nn.GELU(),
+                              nn.Linear(40, 16)).double().requires_grad_(False)
+        network = lycoris.create_lycoris(model, 0.5, linear_dim=8, linear_alpha=4.0, conv_dim=8, conv_alpha=2.0,
+                                         algo="dylora", block_size=2)
         network.apply_to()
         return model, network.double()
 
     model_ref, network_ref = build()
     monkeypatch.setattr(DyLoraModule, "forward", RECIPES["lycoris_dylora_forward"])
     model, network = build()
-    assert len(network.loras) == 2 and all(lora.forward.__func__ is RECIPES["lycoris_dylora_forward"]
+    assert len(network.loras) == 3 and all(lora.forward.__func__ is RECIPES["lycoris_dylora_forward"]
                                            for lora in network.loras)
     with torch.no_grad():
         for (name, p), (name_ref, p_ref) in zip(network.named_parameters(), network_ref.named_parameters()):
             assert name == name_ref
             p_ref.copy_(torch.randn_like(p_ref))
             p.copy_(p_ref)
-    x = torch.randn(6, 24, dtype=torch.float64)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
     for seed in range(5):
         outputs = []
         for m, net in ((model_ref, network_ref), (model, network)):
@@ -156,7 +214,7 @@ def test_lycoris_recipe_installed_in_a_network(monkeypatch):
             outputs.append((y.detach(), grads(net)))
         (y_ref, grads_ref), (y, grads_ours) = outputs
         assert rel_err(y, y_ref) <= 1e-12
-        assert sum(v is not None for v in grads_ref.values()) == 4  # one block's up and down in each layer
+        assert sum(v is not None for v in grads_ref.values()) == 6  # one block's up and down in each layer
         assert_grads_match(grads_ours, grads_ref, 1e-12)
 
 
