@@ -404,10 +404,10 @@ Tensor conv_autograd(const Tensor& x, const optional<Tensor>& weight, const opti
                      const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B, const Tensor& rank,
                      double alpha, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                      bool frozen_prefix) {
-  const auto requires = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  const auto wants_grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   const bool need_grad = at::GradMode::is_enabled() &&
                          (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() ||
-                          requires(weight) || requires(bias) || requires(base));
+                          wants_grad(weight) || wants_grad(bias) || wants_grad(base));
   if (!need_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return conv_no_grad(x, weight, bias, base, lora_A, lora_B, rank, alpha, stride, padding, dilation,
