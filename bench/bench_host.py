@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from host_harness import stubbed_gpu_launches  # noqa: E402
 
-from dylora_kernels import dylora_linear  # noqa: E402
+from dylora_kernels import _C, dylora_linear  # noqa: E402
 
 M, K, N, R_MAX, RANK = 1, 64, 64, 8, 4
 CALLS = 300  # per row per round
@@ -63,10 +63,51 @@ def rows():
     return out
 
 
+def cpp_rows():
+    """name -> (pass, time(calls) -> s per call): the C++ launcher (csrc/triton_launch.cpp) on the same tensors,
+    timed in a C++ loop (what the C++ op pays per call once its plan exists; no Python per call), its launches
+    going to the recording stub (counting only). Plans come from cplan.describe after the Python path ran
+    each key once, as on a GPU."""
+    from dylora_kernels import _C
+    from dylora_kernels import triton as T
+    from dylora_kernels.triton import cplan
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    A, B = torch.randn(R_MAX, K, generator=g).bfloat16(), torch.randn(N, R_MAX, generator=g).bfloat16()
+    grad, rank = torch.randn(M, N, generator=g).bfloat16(), torch.tensor(RANK)
+    out = {}
+
+    def plan(op, variant, *args):
+        (T.forward if op == "forward" else T.backward)(*args, variant=variant)  # the Python path, once
+        return _C.triton_plan(cplan.describe(op, variant, *args))
+
+    forward_args = (x, w, None, None, A, B, rank, 1.0)
+    for variant in ("pointer", "tma", "decode"):
+        p = plan("forward", variant, *forward_args, False)
+        out[f"C++ launcher {variant}: forward"] = (
+            "forward", lambda calls, p=p: _C.triton_time_forward(p, *forward_args, False, calls))
+    for variant in ("pointer", "tma"):
+        fwd = plan("forward", variant, *forward_args, True)
+        u = T.forward(*forward_args, True, variant=variant)[1]
+        for frozen in (True, False):
+            backward_args = (grad, x, w, A, B, u, rank, 1.0, frozen, True, True)
+            bwd = plan("backward", variant, *backward_args)
+
+            def both(calls, fwd=fwd, bwd=bwd, backward_args=backward_args):
+                return (_C.triton_time_forward(fwd, *forward_args, True, calls)
+                        + _C.triton_time_backward(bwd, *backward_args, calls))
+            out[f"C++ launcher {variant}: fwd+bwd {'frozen-prefix' if frozen else 'full'} (dx, dA, dB)"] = (
+                "fwd+bwd", both)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", help="write the medians (µs) here")
+    parser.add_argument("--no-cpp", dest="cpp", action="store_false",
+                        help="leave out the C++ launcher's rows (csrc/triton_launch.cpp)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     samples: dict[str, list[float]] = {}
@@ -75,12 +116,18 @@ def main(argv=None):
         for _, call in table.values():  # first calls: routing, the launchers' first launch per key
             for _ in range(20):
                 call()
+        cpp = cpp_rows() if args.cpp else {}
+        _C.triton_record(1)  # the C++ launcher's launches: counted, not sent to a driver
         for _ in range(args.rounds):
             for name, (_, call) in table.items():
                 start = time.perf_counter()
                 for _ in range(CALLS):
                     call()
                 samples.setdefault(name, []).append((time.perf_counter() - start) / CALLS * 1e6)
+            for name, (_, timed) in cpp.items():
+                samples.setdefault(name, []).append(timed(CALLS) * 1e6)
+        _C.triton_record(0)
+        table.update(cpp)
     median = {name: statistics.median(times) for name, times in samples.items()}
     floor = {"forward": median["F.linear"], "fwd+bwd": median["F.linear fwd+bwd (x needs grad)"]}
     print(f"\nCPU: {platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__}; "

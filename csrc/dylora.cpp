@@ -29,6 +29,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "triton_launch.h"
+
 #include <algorithm>
 #include <limits>
 #include <map>
@@ -611,4 +613,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &dylora::backward_aten, "(dx, dA, dB) through ATen");
   m.def("forward_device_rank", &dylora::forward_device_rank, "the device-rank path (tests)");
   m.def("backward_device_rank", &dylora::backward_device_rank, "the device-rank path (tests)");
+  dylora::triton_launch::register_bindings(m);
 }
