@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dylora_kernels import _C
@@ -72,13 +73,25 @@ def expected_packed(types: list[str], args: list) -> list:
     return out + [("ptr", 0), ("ptr", 0)]
 
 
+class _CountAllocations(TorchDispatchMode):
+    """Counts the tensors allocated through the dispatcher (from Python or C++) while active."""
+    ALLOCATING = ("empty.", "empty_strided.", "new_empty.", "new_empty_strided.", "clone.", "contiguous.")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func).removeprefix("aten.")
+        self.count += name.startswith(self.ALLOCATING)
+        return func(*args, **(kwargs or {}))
+
+
 def _allocations(fn) -> tuple[object, int]:
-    """(result, tensors allocated by fn), counted with the CPU allocator's statistics."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    """(result, tensors fn allocated)."""
+    with _CountAllocations() as counter:
         result = fn()
-    events = [e for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0]
-    return result, len(events)
+    return result, counter.count
 
 
 def compare(log, op: str, variant: str, inputs: dict) -> list[str]:
