@@ -44,30 +44,35 @@ constexpr const char* kStepNames[kNumSteps] = {"shrink", "fused", "decode", "gra
 constexpr int kStepParams[kNumSteps] = {23, 30, 33, 19, 18, 12, 20};
 
 // One runtime argument, as a Python wrapper passes it.
+// (Trivial, so that a launch's array of them costs nothing to set up: each is written before it is read.)
 struct Arg {
-  enum Kind : uint8_t { kNone, kTensor, kInt, kFloat, kDesc } kind = kNone;
-  at::ScalarType dtype = at::kFloat;  // kTensor, kDesc
-  int64_t i = 0;                      // kInt: the value; kTensor, kDesc: the data pointer
-  double f = 0;                       // kFloat
-  int64_t shape[2] = {0, 0}, strides[2] = {0, 0};  // kDesc (the block shape comes with the binary)
+  enum Kind : uint8_t { kNone, kTensor, kInt, kFloat, kDesc } kind;
+  at::ScalarType dtype;                 // kTensor, kDesc
+  int64_t i;                            // kInt: the value; kTensor, kDesc: the data pointer
+  double f;                             // kFloat
+  int64_t shape[2], strides[2];         // kDesc (the block shape comes with the binary)
 };
 
-Arg none() { return Arg{}; }
+Arg none() {
+  Arg a{};
+  a.kind = Arg::kNone;
+  return a;
+}
 Arg tensor(const at::Tensor& t) {
-  Arg a;
+  Arg a{};
   a.kind = Arg::kTensor;
   a.dtype = t.scalar_type();
   a.i = reinterpret_cast<int64_t>(t.data_ptr());
   return a;
 }
 Arg integer(int64_t v) {
-  Arg a;
+  Arg a{};
   a.kind = Arg::kInt;
   a.i = v;
   return a;
 }
 Arg real(double v) {
-  Arg a;
+  Arg a{};
   a.kind = Arg::kFloat;
   a.f = v;
   return a;
@@ -239,7 +244,7 @@ int tma_dtype_device_to_host(int t) { return t == 8 ? 10 : t == 9 ? 8 : t == 10 
 // One launch: its arguments, the key of its binary, then packing and launching
 // ------------------------------------------------------------------------------------------------
 struct Launch {
-  Step step;
+  Step step = kShrink;
   std::array<Arg, 48> args;
   int n = 0;
   std::array<std::pair<const char*, int64_t>, 8> constexprs;  // name, value (flags: 0/1)
@@ -249,6 +254,7 @@ struct Launch {
   const Binary* binary = nullptr;
   std::array<uint32_t, 3> grid{1, 1, 1};
 
+  Launch() = default;
   explicit Launch(Step s) : step(s) {}
   Launch& operator<<(const Arg& a) {
     if (n == static_cast<int>(args.size())) throw std::length_error("triton_launch: too many kernel arguments");
@@ -414,8 +420,8 @@ const Binary* Plan::resolve(Launch& l) {
   const Kernel& k = kernels[l.step];
   if (l.n != kStepParams[l.step])  // a launch wrapper below out of step with the table above
     throw std::logic_error("triton_launch: " + k.name + " launched with " + std::to_string(l.n) + " arguments");
-  std::vector<int64_t> key;
-  key.reserve(2 * l.n + l.nc + 4);
+  thread_local std::vector<int64_t> key;  // reused: no allocation per launch once warm
+  key.clear();
   key.push_back(l.step);
   for (int i = 0; i < l.n; ++i) {
     key.push_back(spec_code(l.args[i], k.specialize[i], k.align[i]));
@@ -428,7 +434,7 @@ const Binary* Plan::resolve(Launch& l) {
   if (it == binaries.end()) {
     std::unique_ptr<Binary> b = ask_python(l);
     if (!b) return nullptr;  // not yet run through Python: not kept, asked again next time
-    it = binaries.emplace(std::move(key), std::move(b)).first;
+    it = binaries.emplace(key, std::move(b)).first;
   }
   return it->second->refused.empty() ? it->second.get() : nullptr;
 }
@@ -544,27 +550,37 @@ void execute(const Launch& l) {
 }
 
 // The launches of one call, resolved before any runs: a call either launches everything in C++ or nothing.
+// Each launch is built in place: begin(step), its arguments, then add(grid).
 struct Calls {
   Plan& plan;
-  std::array<Launch, 6> launches{Launch(kShrink), Launch(kShrink), Launch(kShrink), Launch(kShrink),
-                                 Launch(kShrink), Launch(kShrink)};
+  std::array<Launch, 6> launches;  // a backward makes 6 at most
   int n = 0;
   bool ok = true;
-  std::vector<at::Tensor> temporaries;  // kept until the launches are enqueued (the caching allocator's rule)
+  std::array<at::Tensor, 2> temporaries;  // kept until the launches are enqueued (the caching allocator's rule)
+  int n_temporaries = 0;
 
-  // Adds l with its binary and grid (grid(binary) -> {x, y, z}); false when Python has no binary for it.
+  explicit Calls(Plan& p) : plan(p) {}
+  Launch& begin(Step step) {
+    Launch& l = launches[n];
+    l.step = step, l.n = 0, l.nc = 0, l.bool_mask = 0, l.extra = {0, 0, 0};
+    return l;
+  }
+  // Resolves the launch begun last: its binary and grid (grid(binary) -> {x, y, z}); nullptr when Python has no
+  // binary for it (the call is not handled, nothing of it is launched).
   template <typename Grid>
-  const Binary* add(Launch l, Grid grid) {
+  const Binary* add(Grid grid) {
     if (!ok) return nullptr;
+    Launch& l = launches[n];
     l.binary = plan.resolve(l);
     if (l.binary == nullptr) {
       ok = false;
       return nullptr;
     }
     l.grid = grid(*l.binary);
-    launches[n++] = l;
+    ++n;
     return l.binary;
   }
+  void keep(at::Tensor t) { temporaries.at(n_temporaries++) = std::move(t); }
   void run() {
     for (int i = 0; i < n; ++i) execute(launches[i]);
   }
@@ -582,13 +598,13 @@ std::array<uint32_t, 3> grid3(int64_t x, int64_t y = 1, int64_t z = 1) {
 int64_t shrink(Calls& c, const at::Tensor& x, const at::Tensor& y, const at::Tensor& rank, const at::Tensor& out,
                const at::Tensor* fold_u, const at::Tensor* fold) {
   int64_t M = x.size(0), K = x.size(1), R = y.size(0), BLOCK_R = block_r(R);
-  Launch l(kShrink);
+  Launch& l = c.begin(kShrink);
   l << tensor(x) << tensor(y) << tensor(rank) << tensor(out) << (fold_u ? tensor(*fold_u) : none())
     << (fold ? tensor(*fold) : none()) << integer(M) << integer(K) << integer(R);
   l.strides(x).strides(y).strides(out).strides(fold_u, 2).strides(fold, 2);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&x, &y}));
   l.flag("PER_ROW", rank.dim() == 1).flag("FOLD", fold_u != nullptr).value("BLOCK_R", BLOCK_R);
-  const Binary* b = c.add(l, [&](const Binary& b) { return grid3(cdiv(M, b.block_m), cdiv(R, BLOCK_R)); });
+  const Binary* b = c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m), cdiv(R, BLOCK_R)); });
   if (b == nullptr) return -1;
   return fold_u != nullptr ? cdiv(M, b->block_m) : 0;
 }
@@ -598,7 +614,7 @@ void fused_linear(Calls& c, const at::Tensor& x, const at::Tensor* y, const at::
                   const at::Tensor& u, const at::Tensor& z, const at::Tensor& rank, double alpha,
                   const at::Tensor& out) {
   int64_t M = x.size(0), K = x.size(1), N = z.size(0), R = z.size(1);
-  Launch l(kFused);
+  Launch& l = c.begin(kFused);
   l << tensor(x) << (y ? tensor(*y) : none()) << tensor(u) << tensor(z) << (bias ? tensor(*bias) : none())
     << (base ? tensor(*base) : none()) << tensor(rank) << tensor(out) << integer(M) << integer(N) << integer(K)
     << integer(R) << real(alpha);
@@ -606,7 +622,7 @@ void fused_linear(Calls& c, const at::Tensor& x, const at::Tensor* y, const at::
   l << integer(bucket(M)) << integer(bucket(N)) << integer(bucket(K)) << integer(layout_code({&x, y, &z}));
   l.flag("HAS_W", y != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
   l.flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", seed_block_r(R));
-  c.add(l, [&](const Binary& b) { return grid3(cdiv(M, b.block_m) * cdiv(N, b.block_n)); });
+  c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m) * cdiv(N, b.block_n)); });
 }
 
 constexpr int64_t kDecodeMaxM = 16;  // kernels.DECODE_MAX_M
@@ -616,7 +632,7 @@ void decode_linear(Calls& c, const at::Tensor& x, const at::Tensor* w, const at:
                    const at::Tensor& a, const at::Tensor& z, const at::Tensor& rank, double alpha,
                    const at::Tensor& out, const at::Tensor* u) {
   int64_t M = x.size(0), K = x.size(1), N = z.size(0), R = z.size(1);
-  Launch l(kDecode);
+  Launch& l = c.begin(kDecode);
   l << tensor(x) << (w ? tensor(*w) : none()) << tensor(a) << tensor(z) << (bias ? tensor(*bias) : none())
     << (base ? tensor(*base) : none()) << tensor(rank) << tensor(out) << (u ? tensor(*u) : none()) << integer(M)
     << integer(N) << integer(K) << integer(R) << real(alpha);
@@ -625,19 +641,19 @@ void decode_linear(Calls& c, const at::Tensor& x, const at::Tensor* w, const at:
   l.flag("HAS_W", w != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
   l.flag("PER_ROW", rank.dim() == 1).flag("NEED_U", u != nullptr);
   l.value("R_CAP", next_power_of_2(std::max<int64_t>(16, R))).value("BLOCK_M", kDecodeMaxM);
-  c.add(l, [&](const Binary& b) { return grid3(cdiv(N, b.block_n)); });
+  c.add([&](const Binary& b) { return grid3(cdiv(N, b.block_n)); });
 }
 
 // kernels.finish: out (R, K) = alpha·Σ_{s < n_parts} part[s] (or into row b-1 with one_slot).
 void finish(Calls& c, const at::Tensor& part, int64_t n_parts, const at::Tensor& rank, double alpha, bool one_slot,
             const at::Tensor& out) {
   int64_t R = out.size(0), K = out.size(1), BLOCK_R = block_r(R), BLOCK_K = BLOCK_R < 64 ? 128 : 64;
-  Launch l(kFinish);
+  Launch& l = c.begin(kFinish);
   l << tensor(part) << tensor(rank) << tensor(out) << integer(K) << integer(R) << integer(n_parts) << real(alpha)
     << integer(part.stride(0)) << integer(part.dim() == 3 ? part.stride(1) : 0) << integer(part.stride(-1));
   l.strides(out);
   l.flag("ONE_SLOT", one_slot).value("BLOCK_R", BLOCK_R).value("BLOCK_K", BLOCK_K);
-  c.add(l, [&](const Binary&) { return grid3(cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)); });
+  c.add([&](const Binary&) { return grid3(cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)); });
 }
 
 // kernels.split_rows
@@ -656,16 +672,16 @@ void grad_of(Calls& c, bool gemv, const at::Tensor& p, const at::Tensor& q, cons
   auto [splits, rows] = split_rows(c.plan, M, gemv ? cdiv(K, 128) : cdiv(R, BLOCK_R) * cdiv(K, 128));
   at::Tensor part = gemv ? at::empty({splits, K}, q.options().dtype(at::kFloat))
                          : at::empty({splits, R, K}, q.options().dtype(at::kFloat));
-  Launch l(gemv ? kGemv : kGrad);
+  Launch& l = c.begin(gemv ? kGemv : kGrad);
   l << tensor(p) << tensor(q) << tensor(rank) << tensor(part) << integer(M) << integer(K) << integer(R)
     << integer(rows);
   l.strides(p).strides(q).strides(part);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&p, &q}));
   if (!gemv) l.flag("ONE_HOT", frozen_prefix).flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", BLOCK_R);
   int64_t r_tiles = gemv ? 1 : cdiv(R, BLOCK_R);
-  c.add(l, [&](const Binary& b) { return grid3(r_tiles * cdiv(K, b.block_k), splits); });
+  c.add([&](const Binary& b) { return grid3(r_tiles * cdiv(K, b.block_k), splits); });
   finish(c, part, splits, rank, alpha, gemv, out);
-  c.temporaries.push_back(std::move(part));
+  c.keep(std::move(part));
 }
 
 // hopper.fused_linear / _run: the persistent TMA kernel (w as stored: (N, K), or (K, N) with w_kn).
@@ -674,7 +690,7 @@ void tma_linear(Calls& c, const at::Tensor& x, const at::Tensor& w, bool w_kn, c
                 double alpha, const at::Tensor& out) {
   int64_t M = x.size(0), K = x.size(1), N = z.size(0), R = z.size(1), sms = c.plan.num_sms;
   int64_t BLOCK_R = seed_block_r(R);
-  Launch l(kTma);
+  Launch& l = c.begin(kTma);
   l << desc(x, M, K) << desc(w, w.size(0), w.size(1)) << desc(out, M, N) << tensor(u) << tensor(z)
     << (bias ? tensor(*bias) : none()) << (base ? tensor(*base) : none()) << tensor(rank) << integer(M)
     << integer(N) << integer(K) << integer(R) << real(alpha);
@@ -683,7 +699,7 @@ void tma_linear(Calls& c, const at::Tensor& x, const at::Tensor& w, bool w_kn, c
   l.flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", BLOCK_R).value("NUM_SMS", sms);
   l.value("R_BLOCKS", cdiv(R, BLOCK_R));
   l.extra = {bucket(M), bucket(N), bucket(K)};  // with the dtypes and flags: hopper's config key
-  c.add(l, [&](const Binary& b) { return grid3(std::min(sms, cdiv(M, b.out_block_m) * cdiv(N, b.block_n))); });
+  c.add([&](const Binary& b) { return grid3(std::min(sms, cdiv(M, b.out_block_m) * cdiv(N, b.block_n))); });
 }
 
 // hopper.applies(x, weight, out_cols) for an sm_90 plan: TMA-addressable operands of one 16-bit dtype.
@@ -721,7 +737,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(Plan& plan, const at::
   DeviceGuard guard(x.device());
   at::Tensor rank = rank_in.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-  Calls c{plan};
+  Calls c(plan);
   at::Tensor u;
   if (plan.variant == "decode") {
     if (need_u) u = at::empty({M, R}, x.options().dtype(at::kFloat));
@@ -755,7 +771,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> backward(
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor v = at::empty({M, R}, f32);
   at::Tensor fold = one_slot ? at::empty({cdiv(M, 16), N}, f32) : at::Tensor();
-  Calls c{plan};
+  Calls c(plan);
   at::Tensor lora_Bt = lora_B.t(), lora_At = lora_A.t();
   int64_t n_fold = shrink(c, grad, lora_Bt, rank, v, one_slot ? &u : nullptr, one_slot ? &fold : nullptr);
   if (compute_dx) {
