@@ -8,6 +8,10 @@ launcher call, the driver queries and the first launch per key (autotuning, comp
 timed is host work. Each round times every row back to back; the table shows medians over rounds, in µs,
 beside F.linear (forward) and F.linear forward + backward on the same tensors. On a GPU each launch adds
 its C launcher call (a few µs) on top.
+
+The "C++ launcher" rows time csrc/triton_launch.cpp (the kernel contract run from C++ once a plan exists:
+allocations, arguments, specialisation key, binary lookup, parameter packing) in a C++ loop, its launches
+going to its recording stub instead of cuLaunchKernelEx; the op's validation and dispatch are not in them.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ call through the C++ launcher with its recording stub. It returns what differs: 
 arguments (tensors by role: the call's inputs and outputs by name, anything else allocated during the call as
 "tmp"), constexpr tail, the packed parameters (what triton's launcher would pass for the compiled signature), the
 outputs' shapes, strides and dtypes, and the number of tensors allocated per call. tests/test_triton_launch.py
-and bench/bench_host.py use it.
+uses it.
 """
 from __future__ import annotations
 

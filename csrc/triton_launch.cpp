@@ -164,6 +164,7 @@ struct Binary {
   std::vector<DescMeta> descs;   // per descriptor parameter
   int64_t block_m = 0, block_n = 0, block_k = 0, out_block_m = 0;
   std::vector<py::object> tail;  // constexpr values (recorded, for tests)
+  py::object kernel;             // the compiled kernel: owns the module that holds the function
   bool attribute_set = false;
 };
 
@@ -304,12 +305,17 @@ class __attribute__((visibility("hidden"))) Plan {
   std::unordered_map<std::vector<int64_t>, std::unique_ptr<Binary>, KeyHash> binaries;
   std::mutex mutex;
 
-  ~Plan() {
+  ~Plan() {  // its Python objects go with the GIL held (or are leaked at interpreter exit)
     if (Py_IsInitialized()) {
       py::gil_scoped_acquire gil;
       binary_for = py::object();
+      binaries.clear();
     } else {
       binary_for.release();
+      for (auto& [key, b] : binaries) {
+        b->kernel.release();
+        for (auto& t : b->tail) t.release();
+      }
     }
   }
 
@@ -396,6 +402,7 @@ std::unique_ptr<Binary> parse_binary(py::handle d, Step step) {
   b->block_m = get("BLOCK_M"), b->block_n = get("BLOCK_N"), b->block_k = get("BLOCK_K");
   if (n_desc == 3) b->out_block_m = blocks[2].cast<std::vector<int64_t>>().at(0);  // the grid's tile rows
   for (auto v : d["tail"]) b->tail.push_back(py::reinterpret_borrow<py::object>(v));
+  if (d.contains("kernel")) b->kernel = d["kernel"];
   return b;
 }
 
@@ -429,14 +436,26 @@ const Binary* Plan::resolve(Launch& l) {
   }
   for (int i = 0; i < l.nc; ++i) key.push_back(l.constexprs[i].second);
   key.insert(key.end(), l.extra.begin(), l.extra.end());
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = binaries.find(key);
-  if (it == binaries.end()) {
+  const Binary* found = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mutex);  // never held while Python runs (that would deadlock on the GIL)
+    auto it = binaries.find(key);
+    if (it != binaries.end()) found = it->second.get();
+  }
+  if (found == nullptr) {
+    std::vector<int64_t> new_key = key;  // (the buffer is reused by the launches binary_for may cause)
     std::unique_ptr<Binary> b = ask_python(l);
     if (!b) return nullptr;  // not yet run through Python: not kept, asked again next time
-    it = binaries.emplace(key, std::move(b)).first;
+    std::unique_lock<std::mutex> lock(mutex);
+    auto [it, inserted] = binaries.try_emplace(std::move(new_key), std::move(b));
+    found = it->second.get();
+    lock.unlock();
+    if (!inserted) {  // another thread's came first: ours holds Python objects, dropped with the GIL
+      py::gil_scoped_acquire gil;
+      b.reset();
+    }
   }
-  return it->second->refused.empty() ? it->second.get() : nullptr;
+  return found->refused.empty() ? found : nullptr;
 }
 
 namespace {

@@ -234,3 +234,15 @@ def test_packed_parameters_match_triton_and_ptx():
         assert r["cpp"] == r["ptx"], f"{case}: C++ packs {r['cpp']}, the PTX .entry takes {r['ptx']}"
         kinds.update(t for t, _ in r["cpp"])
     assert {"ptr", "i32", "fp32", "tensordesc", "i64"} <= kinds  # every kind the kernels pass was checked
+
+
+def test_bench_host_has_cpp_rows(tmp_path):
+    """bench/bench_host.py's C++ launcher rows run (one round) and report a time for every row."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "host.json"
+    done = subprocess.run([sys.executable, "bench/bench_host.py", "--rounds", "1", "--json", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    median = json.loads(out.read_text())["median_us"]
+    cpp = {k: v for k, v in median.items() if k.startswith("C++ launcher")}
+    assert len(cpp) == 7 and all(v > 0 for v in cpp.values()), median

@@ -32,7 +32,8 @@ hopper's _CHOSEN). The answer:
                "u64", "fp32", "u1", "tensordesc<...>"],
      "tensordesc_meta": [{"swizzle", "elem_size", "elem_type", "block_size", "fp4_padded"} per descriptor],
      "desc_blocks": [block shape per descriptor argument] (the TMA step),
-     "meta": {constexpr name: int} (the config's block sizes and the flags), "tail": [constexpr values]}
+     "meta": {constexpr name: int} (the config's block sizes and the flags), "tail": [constexpr values],
+     "kernel": the compiled kernel (kept by the plan: it owns the module that holds the function)}
 
 The types are the specialisation of each argument (triton's own native_specialize_impl), which is what the
 JIT makes the compiled kernel's signature from; a real compiled kernel's signature is checked against it.
@@ -130,4 +131,4 @@ def binary_for(step: str, args: list, constexprs: list) -> dict | None:
             "global_scratch_size": md.global_scratch_size, "profile_scratch_size": md.profile_scratch_size,
             "types": types, "tensordesc_meta": list(getattr(md, "tensordesc_meta", None) or []),
             "desc_blocks": desc_blocks, "meta": {k: int(v) for k, v in meta.items() if isinstance(v, (bool, int))},
-            "tail": list(tail)}
+            "tail": list(tail), "kernel": kernel}
