@@ -14,6 +14,13 @@
 // not yet run one of the call's launches (binary_for answered None: e.g. a new shape bucket; the next call may be
 // handled), or for good when a binary needs what this launcher does not do (num_ctas != 1, cooperative or PDL
 // launches, global or profile scratch, TMA descriptors without metadata). Nothing has been launched then.
+//
+// How a caller (csrc/cuda/plan.cpp) uses it, per dispatch key:
+//   miss:  run the call through Python (dylora_kernels.triton.forward/backward with the planner's variant), then
+//          py::object d = py::module_::import("dylora_kernels.triton.cplan").attr("describe")(op, variant, <the
+//          kernel-contract args>); keep make_plan(d) in the key's plan (with the GIL held);
+//   hit:   if (auto r = triton_launch::forward(*plan, ...)) return *r; else run the Python path for this call
+//          (the plan stays: a later call may be handled).
 #pragma once
 
 #include <ATen/ATen.h>
