@@ -733,7 +733,12 @@ bool tma_applies(const at::Tensor& x, const at::Tensor* w, int64_t out_cols) {
 }
 
 #ifdef WITH_CUDA
-using DeviceGuard = c10::cuda::OptionalCUDAGuard;
+struct DeviceGuard {  // x's device current while launching (nothing for CPU tensors: the recording stub)
+  c10::cuda::OptionalCUDAGuard guard;
+  explicit DeviceGuard(c10::Device d) {
+    if (d.is_cuda()) guard.set_device(d);
+  }
+};
 #else
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
