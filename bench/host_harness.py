@@ -20,6 +20,7 @@ the C launcher, the driver queries and, for tensors on a GPU other than the curr
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from unittest import mock
 
 
@@ -34,11 +35,19 @@ class LaunchLog:
 
 
 class _StubKernel:
-    """A compiled kernel whose launch does nothing but note it (with ``record``)."""
+    """A compiled kernel whose launch does nothing but note it (with ``record``). Its metadata is what a
+    compiled kernel's holds, as far as the C++ launcher's plans read it (dylora_kernels/triton/cplan.py):
+    no binary (function 0), no shared memory, no scratch; TMA descriptor metadata with the descriptors'
+    block shapes (swizzle and element type 0: nothing encodes them here)."""
     function = packed_metadata = None
 
-    def __init__(self, name: str, log: LaunchLog, record: bool):
+    def __init__(self, name: str, log: LaunchLog, record: bool, num_warps: int = 4, descriptors=()):
         self.name, self.log, self.record = name, log, record
+        self.metadata = SimpleNamespace(
+            num_warps=num_warps, num_ctas=1, shared=0, launch_cooperative_grid=False, launch_pdl=False,
+            global_scratch_size=0, profile_scratch_size=0,
+            tensordesc_meta=[{"swizzle": 0, "elem_size": d.base.dtype.itemsize, "elem_type": 0,
+                              "block_size": list(d.block_shape), "fp4_padded": False} for d in descriptors])
 
     def run(self, x, y, z, stream, function, packed_metadata, metadata, enter, leave, *args):
         if self.record:
@@ -76,10 +85,13 @@ def stubbed_gpu_launches(record: bool = False):
     log = LaunchLog()
 
     def first_launch(self, grid, args, constexprs):  # what triton's autotuning + compile would leave behind
+        num_warps = constexprs.get("num_warps", 4)
         if hasattr(self.tuner, "configs"):
             self.tuner.best_config = self.tuner.configs[0]
+            num_warps = self.tuner.best_config.num_warps
         log.first.append(self.fn.__name__)
-        return _StubKernel(self.fn.__name__, log, record)
+        descriptors = [a for a in args if hasattr(a, "block_shape")]
+        return _StubKernel(self.fn.__name__, log, record, num_warps, descriptors)
 
     saved = {id(l.fn): dict(l.fn.device_caches) for l in launchers}
     active = driver._active  # None until first used (no GPU driver here: reset_active would raise)

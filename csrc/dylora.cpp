@@ -31,6 +31,7 @@
 
 #include "dylora.h"
 #include "prep.h"
+#include "triton_launch.h"
 
 #include <algorithm>
 #include <limits>
@@ -685,4 +686,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_lean", &dylora::backward_lean, "the lean composition (tests)");
   dylora::executor::register_bindings(m);
   dylora::add_conv_functions(m);
+  dylora::triton_launch::register_bindings(m);
 }

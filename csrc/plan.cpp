@@ -155,7 +155,8 @@ enum class Kind { kCublas, kTriton, kPython };
 struct Part {
   Kind kind;
   std::shared_ptr<triton_launch::Plan> triton;  // kTriton
-  py::object* python = nullptr;                 // kPython (never destroyed: see PythonSide)
+  py::object* python = nullptr;  // kPython, and kTriton's fallback for a call its launcher does not take (never
+                                 // destroyed: see PythonSide)
 };
 
 struct Plan {
@@ -170,10 +171,11 @@ Part make_part(const py::handle& answer) {
   TORCH_CHECK(entry.size() == 3, "dylora: a plan part is (name, triton description, callable), got ",
               py::str(answer).cast<std::string>());
   if (entry[0].cast<std::string>() == "cublas") return {Kind::kCublas};
+  auto* kernel = new py::object(py::reinterpret_borrow<py::object>(entry[2]));
   if (!entry[1].is_none()) {
-    if (auto plan = triton_launch::make_plan(entry[1])) return {Kind::kTriton, std::move(plan)};
+    if (auto plan = triton_launch::make_plan(entry[1])) return {Kind::kTriton, std::move(plan), kernel};
   }
-  return {Kind::kPython, nullptr, new py::object(py::reinterpret_borrow<py::object>(entry[2]))};
+  return {Kind::kPython, nullptr, kernel};
 }
 
 class PlanCache {
@@ -272,10 +274,12 @@ ForwardResult run_forward(const Part& part, const Tensor& x, const optional<Tens
   switch (part.kind) {
     case Kind::kCublas:
       return forward_aten(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
-    case Kind::kTriton:
-      return triton_launch::forward(*part.triton, x, weight, bias, base, lora_A, lora_B,
-                                    rank_on(rank, x, lora_A.size(0)),
-                                    alpha, need_u);
+    case Kind::kTriton:  // the C++ launcher, or (a launch it does not take yet) the Python kernel below
+      if (auto out = triton_launch::forward(*part.triton, x, weight, bias, base, lora_A, lora_B,
+                                            rank_on(rank, x, lora_A.size(0)), alpha, need_u)) {
+        return *out;
+      }
+      [[fallthrough]];
     case Kind::kPython: {
       py::gil_scoped_acquire gil;
       return (*part.python)(x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, need_u)
@@ -292,10 +296,13 @@ BackwardResult run_backward(const Part& part, const Tensor& grad, const Tensor& 
     case Kind::kCublas:
       return backward_aten(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
                            compute_lora);
-    case Kind::kTriton:
-      return triton_launch::backward(*part.triton, grad, x, weight, lora_A, lora_B, u,
-                                     rank_on(rank, x, lora_A.size(0)), alpha,
-                                     frozen_prefix, compute_dx, compute_lora);
+    case Kind::kTriton:  // as in run_forward
+      if (auto out = triton_launch::backward(*part.triton, grad, x, weight, lora_A, lora_B, u,
+                                             rank_on(rank, x, lora_A.size(0)), alpha, frozen_prefix, compute_dx,
+                                             compute_lora)) {
+        return *out;
+      }
+      [[fallthrough]];
     case Kind::kPython: {
       py::gil_scoped_acquire gil;
       return (*part.python)(grad, x, opt(weight), lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,

@@ -170,11 +170,22 @@ def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out, tuned=True, pre
     block_r = seed_block_r(R)
     flags = dict(Y_KN=bool(w_kn), HAS_BIAS=bias is not None, HAS_BASE=base is not None, PER_ROW=rank.dim() == 1,
                  BLOCK_R=block_r, NUM_SMS=sms, R_BLOCKS=cdiv(R, block_r), PRECISION=precision or "tf32")
-    key = (bucket(M), bucket(N), bucket(K), x.dtype, z.dtype, rank.dtype, *flags.values())
+    key = config_key(M, N, K, x.dtype, z.dtype, rank.dtype, flags)
     config = _CHOSEN.get(key) if tuned else _prune(CONFIGS, dict(M_BUCKET=key[0], N_BUCKET=key[1], K_BUCKET=key[2]))[0]
     if config is None:
         config = _choose_config(key, x, w, bias, base, u, z, rank, alpha, out, flags)
     return _run(config, x, w, bias, base, u, z, rank, alpha, out, flags)
+
+
+def config_key(M, N, K, x_dtype, z_dtype, rank_dtype, flags) -> tuple:
+    """The key of the config choice (_CHOSEN): shape buckets, dtypes and the constexpr flags."""
+    return (bucket(M), bucket(N), bucket(K), x_dtype, z_dtype, rank_dtype, *flags.values())
+
+
+def descriptor_blocks(config, y_kn) -> tuple[list[int], list[int], list[int]]:
+    """The block shapes of the X, Y and out descriptors of a launch with ``config``."""
+    BM, BN, BK = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    return [BM, BK], ([BK, BN] if y_kn else [BN, BK]), [BM, BN // 2 if config.kwargs["EPILOGUE_SUBTILE"] else BN]
 
 
 def _choose_config(key, *args) -> triton.Config:
@@ -195,12 +206,11 @@ def _run(config, x, w, bias, base, u, z, rank, alpha, out, flags) -> torch.Tenso
     """One launch with ``config``: descriptors with its block shapes, the persistent grid."""
     M, K = x.shape
     N, R = z.shape
-    BM, BN, BK = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    out_block = [BM, BN // 2 if config.kwargs["EPILOGUE_SUBTILE"] else BN]
-    descs = (TensorDescriptor(x, [M, K], list(x.stride()), [BM, BK]),
-             TensorDescriptor(w, list(w.shape), list(w.stride()), [BK, BN] if flags["Y_KN"] else [BN, BK]),
+    x_block, w_block, out_block = descriptor_blocks(config, flags["Y_KN"])
+    descs = (TensorDescriptor(x, [M, K], list(x.stride()), x_block),
+             TensorDescriptor(w, list(w.shape), list(w.stride()), w_block),
              TensorDescriptor(out, [M, N], list(out.stride()), out_block))
-    grid = (min(flags["NUM_SMS"], cdiv(M, BM) * cdiv(N, BN)),)
+    grid = (min(flags["NUM_SMS"], cdiv(M, out_block[0]) * cdiv(N, config.kwargs["BLOCK_N"])),)
     _LAUNCH(grid, (*descs, u, z, bias, base, rank, M, N, K, R, float(alpha),
                    *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base)),
             {**flags, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages})

@@ -69,8 +69,7 @@ class Launcher:
         caches = self.fn.device_caches.get(device)
         if caches is None:  # the first launch on this device: triton sets up its caches (and our key's backend)
             return self._through_triton(grid, args, constexprs)
-        key = (device, *[args[i] for i in self.key_args], *constexprs.values(),
-               *map(native_specialize_impl, repeat(caches[3]), args, *self.flags))
+        key = self.key(caches, device, args, constexprs)
         entry = self.cache.get(key)
         if entry is None:
             kernel, config = self._through_triton(grid, args, constexprs), getattr(self.tuner, "best_config", None)
@@ -82,6 +81,21 @@ class Launcher:
         kernel, tail, meta = entry
         grid_xyz = grid(meta) if callable(grid) else grid
         return self._launch(kernel, grid_xyz, active.get_current_stream(device), (*args, *tail))
+
+    def key(self, caches, device, args, constexprs) -> tuple:
+        """The cache key of one launch: the autotune key's values, the constexprs and each runtime argument's
+        specialisation (``caches``: the JIT's device caches, whose backend specialises)."""
+        return (device, *[args[i] for i in self.key_args], *constexprs.values(),
+                *map(native_specialize_impl, repeat(caches[3]), args, *self.flags))
+
+    def cached(self, args, constexprs):
+        """(compiled kernel, constexpr tail, meta) of a launch with these arguments when an earlier launch with
+        the same key went through triton, else None (dylora_kernels/triton/cplan.py reads it: the C++ launcher
+        takes the binary that the Python path chose and compiled). ``args`` may be stand-ins with a dtype and
+        data_ptr() (specialisation reads nothing else)."""
+        device = driver.active.get_current_device()
+        caches = self.fn.device_caches.get(device)
+        return None if caches is None else self.cache.get(self.key(caches, device, args, constexprs))
 
     def _through_triton(self, grid, args, constexprs):
         """triton's own launch (autotuning and compiling on first use); the compiled kernel it ran. Never inside
