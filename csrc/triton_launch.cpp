@@ -248,8 +248,9 @@ struct Launch {
   Step step = kShrink;
   std::array<Arg, 48> args;
   int n = 0;
-  std::array<std::pair<const char*, int64_t>, 8> constexprs;  // name, value (flags: 0/1)
-  uint32_t bool_mask = 0;                                      // which constexprs are Python bools
+  std::array<std::pair<const char*, int64_t>, 10> constexprs;  // name, value (flags: 0/1)
+  uint32_t bool_mask = 0;                                       // which constexprs are Python bools
+  uint32_t text_mask = 0;  // which are strings: index into kTexts (PRECISION: "tf32" or "ieee")
   int nc = 0;
   std::array<int64_t, 3> extra{0, 0, 0};  // key values beyond the arguments (the TMA config key's buckets)
   const Binary* binary = nullptr;
@@ -280,7 +281,15 @@ struct Launch {
     constexprs[nc++] = {name, v};
     return *this;
   }
+  Launch& text(const char* name, int64_t index) {  // a string constexpr, kTexts[index]
+    text_mask |= 1u << nc;
+    constexprs[nc++] = {name, index};
+    return *this;
+  }
 };
+
+// The string constexprs' values: PRECISION, how dots with fp32 operands run (kernels._options; the plan's).
+constexpr const char* kTexts[] = {"tf32", "ieee"};
 
 struct KeyHash {
   size_t operator()(const std::vector<int64_t>& k) const {
@@ -300,6 +309,7 @@ class __attribute__((visibility("hidden"))) Plan {
   };
   std::string op, variant;
   int64_t num_sms = 0, split_rows = 0;
+  int64_t precision = 0;  // index into kTexts: the PRECISION constexpr of the launches that take one
   std::array<Kernel, kNumSteps> kernels;
   py::object binary_for;
   std::unordered_map<std::vector<int64_t>, std::unique_ptr<Binary>, KeyHash> binaries;
@@ -414,8 +424,10 @@ std::unique_ptr<Binary> Plan::ask_python(const Launch& l) {
   for (int i = 0; i < l.n; ++i) args.append(to_python(l.args[i]));
   py::list constexprs;
   for (int i = 0; i < l.nc; ++i) {
-    py::object v = (l.bool_mask >> i) & 1 ? py::object(py::bool_(l.constexprs[i].second != 0))
-                                          : py::object(py::int_(l.constexprs[i].second));
+    const int64_t value = l.constexprs[i].second;
+    py::object v = (l.text_mask >> i) & 1   ? py::object(py::str(kTexts[value]))
+                   : (l.bool_mask >> i) & 1 ? py::object(py::bool_(value != 0))
+                                            : py::object(py::int_(value));
     constexprs.append(py::make_tuple(l.constexprs[i].first, v));
   }
   py::object answer = binary_for(kStepNames[l.step], args, constexprs);
@@ -623,6 +635,7 @@ int64_t shrink(Calls& c, const at::Tensor& x, const at::Tensor& y, const at::Ten
   l.strides(x).strides(y).strides(out).strides(fold_u, 2).strides(fold, 2);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&x, &y}));
   l.flag("PER_ROW", rank.dim() == 1).flag("FOLD", fold_u != nullptr).value("BLOCK_R", BLOCK_R);
+  l.text("PRECISION", c.plan.precision);
   const Binary* b = c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m), cdiv(R, BLOCK_R)); });
   if (b == nullptr) return -1;
   return fold_u != nullptr ? cdiv(M, b->block_m) : 0;
@@ -640,7 +653,7 @@ void fused_linear(Calls& c, const at::Tensor& x, const at::Tensor* y, const at::
   l.strides(x).strides(y, 2).strides(u).strides(z).strides(bias, 1).strides(base, 2).strides(out);
   l << integer(bucket(M)) << integer(bucket(N)) << integer(bucket(K)) << integer(layout_code({&x, y, &z}));
   l.flag("HAS_W", y != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
-  l.flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", seed_block_r(R));
+  l.flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", seed_block_r(R)).text("PRECISION", c.plan.precision);
   c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m) * cdiv(N, b.block_n)); });
 }
 
@@ -660,6 +673,7 @@ void decode_linear(Calls& c, const at::Tensor& x, const at::Tensor* w, const at:
   l.flag("HAS_W", w != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
   l.flag("PER_ROW", rank.dim() == 1).flag("NEED_U", u != nullptr);
   l.value("R_CAP", next_power_of_2(std::max<int64_t>(16, R))).value("BLOCK_M", kDecodeMaxM);
+  l.text("PRECISION", c.plan.precision);
   c.add([&](const Binary& b) { return grid3(cdiv(N, b.block_n)); });
 }
 
@@ -696,7 +710,10 @@ void grad_of(Calls& c, bool gemv, const at::Tensor& p, const at::Tensor& q, cons
     << integer(rows);
   l.strides(p).strides(q).strides(part);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&p, &q}));
-  if (!gemv) l.flag("ONE_HOT", frozen_prefix).flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", BLOCK_R);
+  if (!gemv) {
+    l.flag("ONE_HOT", frozen_prefix).flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", BLOCK_R);
+    l.text("PRECISION", c.plan.precision);
+  }
   int64_t r_tiles = gemv ? 1 : cdiv(R, BLOCK_R);
   c.add([&](const Binary& b) { return grid3(r_tiles * cdiv(K, b.block_k), splits); });
   finish(c, part, splits, rank, alpha, gemv, out);
@@ -716,7 +733,7 @@ void tma_linear(Calls& c, const at::Tensor& x, const at::Tensor& w, bool w_kn, c
   l.strides(u).strides(z).strides(bias, 1).strides(base, 2);
   l.flag("Y_KN", w_kn).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
   l.flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", BLOCK_R).value("NUM_SMS", sms);
-  l.value("R_BLOCKS", cdiv(R, BLOCK_R));
+  l.value("R_BLOCKS", cdiv(R, BLOCK_R)).text("PRECISION", c.plan.precision);
   l.extra = {bucket(M), bucket(N), bucket(K)};  // with the dtypes and flags: hopper's config key
   c.add([&](const Binary& b) { return grid3(std::min(sms, cdiv(M, b.out_block_m) * cdiv(N, b.block_n))); });
 }
@@ -840,6 +857,9 @@ std::shared_ptr<Plan> make_plan(py::handle description) {
       (plan->op == "backward" && plan->variant == "decode"))
     fail("unknown op/variant " + plan->op + "/" + plan->variant);
   plan->num_sms = d["num_sms"].cast<int64_t>();
+  const auto precision = d.contains("precision") ? d["precision"].cast<std::string>() : std::string("tf32");
+  if (precision != "tf32" && precision != "ieee") fail("precision must be 'tf32' or 'ieee'");
+  plan->precision = precision == "ieee";
   plan->split_rows = d["split_rows"].cast<int64_t>();
   if (plan->num_sms < 1 || plan->split_rows < 1) fail("num_sms and split_rows must be positive");
   plan->binary_for = d["binary_for"];

@@ -10,6 +10,7 @@ not know it asks here, once per key:
 
     {"version": 1, "op": "forward" | "backward", "variant": "pointer" | "decode" | "tma",
      "num_sms": SMs of x's device (the persistent TMA grid, split-M reductions),
+     "precision": "tf32" | "ieee" (the PRECISION constexpr of the launches with fp32 dots: torch's setting),
      "split_rows": kernels._SPLIT_ROWS,
      "kernels": {step: {"name": the @triton.jit function's name,
                         "params": its runtime parameter names, in order,
@@ -65,14 +66,18 @@ def describe(op: str, variant: str, x: torch.Tensor, *args) -> dict:
         raise ValueError(f"the {op} has variants {VARIANTS[op]}, got {variant!r}")
     if _INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1: interpreted kernels have no binary for C++ to launch")
+    lora_A = args[3] if op == "forward" else args[2]
     if op == "backward":  # grad is the first argument there: x is the second
         x = args[0]
+    from ..backends import _key_settings  # the PRECISION constexpr the Python wrappers pass (kernels._options)
+
+    precision = _key_settings(x, lora_A)[0] or "tf32"
     steps = {}
     for step, launcher in _launchers().items():
         specialize, align = launcher.flags[1], launcher.flags[2]
         steps[step] = {"name": launcher.fn.__name__, "params": [p.name for p in launcher.fn.params[:launcher.n_runtime]],
                        "specialize": list(specialize), "align": list(align), "key_args": list(launcher.key_args)}
-    return {"version": 1, "op": op, "variant": variant, "num_sms": kernels.num_sms(x.device),
+    return {"version": 1, "op": op, "variant": variant, "num_sms": kernels.num_sms(x.device), "precision": precision,
             "split_rows": kernels._SPLIT_ROWS, "kernels": steps, "binary_for": binary_for}
 
 
