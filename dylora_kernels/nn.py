@@ -203,10 +203,13 @@ class DyLoRAConvNd(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_channels, self.r_max, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Conv2d and PEFT's LoRA
         self.register_buffer("_rank", torch.tensor(self.r_max, device=weight.device), persistent=False)
+        self._rank_shared = False
 
+    # The rank is held as in DyLoRALinear (one int64 buffer, or a model-wide tensor shared with share_rank).
     rank = DyLoRALinear.rank
     rank_tensor = DyLoRALinear.rank_tensor
     set_rank = DyLoRALinear.set_rank
+    share_rank = DyLoRALinear.share_rank
 
     def forward(self, x: Tensor) -> Tensor:
         unbatched = x.dim() == self._dims + 1
