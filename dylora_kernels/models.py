@@ -123,8 +123,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, al
     missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
     if missing or not targets:
         shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "") or "none"
-        raise ValueError(f"inject: target_modules {missing or targets} match no nn.Linear, Conv1D or nn.Conv1d/2d/3d "
-                         f"module of {type(model).__name__} (by exact name or '.'-suffix); its such modules "
+        raise ValueError(f"inject: target_modules {missing or targets} match no nn.Linear (nor Conv1D, "
+                         f"nn.Conv1d/2d/3d) module of {type(model).__name__} (by exact name or '.'-suffix); its such modules "
                          f"include: {shown}")
     names = [name for name in linears if any(_matches(name, t) for t in targets)]
     # every target wrapped (from_conv refuses grouped convolutions) before any is replaced
@@ -423,7 +423,7 @@ def _delta(adapter: DyLoRALinear | DyLoRAConvNd, rank: int) -> Tensor:
     stored weight ((out, in); (in, out) for a Conv1D; for a convolution a 1×1 conv after a k×k conv is one k×k
     conv)."""
     delta = merged_delta(adapter.lora_A, adapter.lora_B, rank, adapter.alpha, intermediate_dtype(adapter.weight.dtype))
-    return delta.t() if getattr(adapter, "fan_in_fan_out", False) else delta
+    return delta.t() if adapter.fan_in_fan_out else delta
 
 
 @torch.no_grad()

@@ -205,6 +205,8 @@ class DyLoRAConvNd(nn.Module):
         self.register_buffer("_rank", torch.tensor(self.r_max, device=weight.device), persistent=False)
         self._rank_shared = False
 
+    fan_in_fan_out = False  # the base weight is stored as the convolution has it (see DyLoRALinear's Conv1D case)
+
     # The rank is held as in DyLoRALinear (one int64 buffer, or a model-wide tensor shared with share_rank).
     rank = DyLoRALinear.rank
     rank_tensor = DyLoRALinear.rank_tensor
