@@ -373,10 +373,12 @@ def plan(op: str, backend: str, args: tuple) -> tuple[list[tuple], bool]:
         _run(op, backend, args)
     name = _CHOSEN_NAMES[key]
     # a pair's parts are candidates themselves (_pairs keeps every single kernel)
-    return [(part, _triton_description(op, part, args), candidates[part]) for part in name.split("/")], True
+    precision = key[-2]  # what the Triton candidates were given (_implementations)
+    return [(part, _triton_description(op, part, args, precision), candidates[part])
+            for part in name.split("/")], True
 
 
-def _triton_description(op: str, name: str, args: tuple):
+def _triton_description(op: str, name: str, args: tuple, precision: str | None):
     """What the C++ Triton launcher needs to run candidate ``name`` for these arguments, or None (not a Triton
     candidate, or the interpreter: the C++ side then calls the kernel)."""
     if not name.startswith("triton") or _interpreting():
@@ -385,7 +387,8 @@ def _triton_description(op: str, name: str, args: tuple):
         from .triton import cplan
     except ImportError:
         return None
-    return cplan.describe(op, "pointer" if name == "triton" else name.removeprefix("triton-"), *args)
+    return cplan.describe(op, "pointer" if name == "triton" else name.removeprefix("triton-"), *args,
+                          precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,27 +57,25 @@ def _launchers():
     return {**{name: kernels._launch[name] for name in STEPS[:-1]}, "tma": hopper._LAUNCH}
 
 
-def describe(op: str, variant: str, x: torch.Tensor, *args) -> dict:
+def describe(op: str, variant: str, x: torch.Tensor, *args, precision: str | None = None) -> dict:
     """The plan description of one key (the format above). ``x`` and ``args``: the kernel-contract call
-    (``dylora_kernels.triton.forward`` / ``backward`` arguments; only x's device is read)."""
+    (``dylora_kernels.triton.forward`` / ``backward`` arguments; only x's device is read); ``precision``: the one
+    the Python path ran the key with (its ``precision`` argument; None: "tf32", as the wrappers default)."""
     if op not in VARIANTS:
         raise ValueError(f"op must be 'forward' or 'backward', got {op!r}")
     if variant not in VARIANTS[op]:
         raise ValueError(f"the {op} has variants {VARIANTS[op]}, got {variant!r}")
     if _INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1: interpreted kernels have no binary for C++ to launch")
-    lora_A = args[3] if op == "forward" else args[2]
     if op == "backward":  # grad is the first argument there: x is the second
         x = args[0]
-    from ..backends import _key_settings  # the PRECISION constexpr the Python wrappers pass (kernels._options)
-
-    precision = _key_settings(x, lora_A)[0] or "tf32"
     steps = {}
     for step, launcher in _launchers().items():
         specialize, align = launcher.flags[1], launcher.flags[2]
         steps[step] = {"name": launcher.fn.__name__, "params": [p.name for p in launcher.fn.params[:launcher.n_runtime]],
                        "specialize": list(specialize), "align": list(align), "key_args": list(launcher.key_args)}
-    return {"version": 1, "op": op, "variant": variant, "num_sms": kernels.num_sms(x.device), "precision": precision,
+    return {"version": 1, "op": op, "variant": variant, "num_sms": kernels.num_sms(x.device),
+            "precision": precision or "tf32",
             "split_rows": kernels._SPLIT_ROWS, "kernels": steps, "binary_for": binary_for}
 
 
