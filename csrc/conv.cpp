@@ -28,6 +28,8 @@
 #include <tuple>
 #include <vector>
 
+#include "dylora.h"
+
 namespace dylora {
 namespace {
 
@@ -369,15 +371,8 @@ class ConvFunction : public torch::autograd::Function<ConvFunction> {
     const Tensor& g = grad_outputs[0];
     const Geometry geo{ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
                        ctx->saved_data["dilation"].toIntVector()};
-    // needs_input_grad counts the forward's tensor arguments that were given (None ones have no edge).
     const bool has_weight = weight.defined();
-    size_t edge = 0;
-    const bool need_x = ctx->needs_input_grad(edge++);
-    const bool need_w = has_weight && ctx->needs_input_grad(edge++);
-    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(edge++);
-    const bool need_base = ctx->saved_data["has_base"].toBool() && ctx->needs_input_grad(edge++);
-    const bool need_A = ctx->needs_input_grad(edge++);
-    const bool need_B = ctx->needs_input_grad(edge++);
+    const auto [need_x, need_w, need_bias, need_base, need_A, need_B] = input_grads(ctx, has_weight);
     Tensor dx, dW, dbias, dbase, dA, dB;
     if (need_x || need_A || need_B) {
       static auto op =
@@ -404,11 +399,7 @@ Tensor conv_autograd(const Tensor& x, const optional<Tensor>& weight, const opti
                      const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B, const Tensor& rank,
                      double alpha, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                      bool frozen_prefix) {
-  const auto wants_grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  const bool need_grad = at::GradMode::is_enabled() &&
-                         (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() ||
-                          wants_grad(weight) || wants_grad(bias) || wants_grad(base));
-  if (!need_grad) {
+  if (!needs_grad(x, weight, bias, base, lora_A, lora_B)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return conv_no_grad(x, weight, bias, base, lora_A, lora_B, rank, alpha, stride, padding, dilation,
                         frozen_prefix);

@@ -578,15 +578,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3];
     const Tensor &u = saved[4], &rank = saved[5];
     const Tensor g = rows(grad_outputs[0]);
-    // needs_input_grad counts the forward's tensor arguments that were given (None ones have no edge).
     const bool has_weight = weight.defined();
-    size_t edge = 0;
-    const bool need_x = ctx->needs_input_grad(edge++);
-    const bool need_w = has_weight && ctx->needs_input_grad(edge++);
-    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(edge++);
-    const bool need_base = ctx->saved_data["has_base"].toBool() && ctx->needs_input_grad(edge++);
-    const bool need_A = ctx->needs_input_grad(edge++);
-    const bool need_B = ctx->needs_input_grad(edge++);
+    const auto [need_x, need_w, need_bias, need_base, need_A, need_B] = input_grads(ctx, has_weight);
     Tensor dx, dW, dbias, dbase, dA, dB;
     if (need_x || need_A || need_B) {
       std::tie(dx, dA, dB) = call_backward(
@@ -608,11 +601,7 @@ Tensor linear_autograd(const Tensor& x, const optional<Tensor>& weight, const op
                        const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
                        const Tensor& rank, double alpha, bool frozen_prefix,
                        c10::string_view backend) {
-  const auto wants_grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  const bool need_grad = at::GradMode::is_enabled() &&
-                         (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() ||
-                          wants_grad(weight) || wants_grad(bias) || wants_grad(base));
-  if (!need_grad) {
+  if (!needs_grad(x, weight, bias, base, lora_A, lora_B)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return linear_no_grad(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend);
   }
