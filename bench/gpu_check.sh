@@ -2,12 +2,14 @@
 # The GPU check, in one call on a CUDA machine (from the repository root):   bash bench/gpu_check.sh
 # Steps, in order, each under its own time limit (seconds; GPU_CHECK_<STEP>_TIMEOUT overrides) so that a slow
 # step cannot starve the rest:
-#   build      the GPU build (pip install -e .), then `python -m dylora_kernels info`            BUILD   240
-#   tests      the GPU-relevant suites, with pytest-xdist when installed (one line per test)      TESTS   180
-#   sanitize   compute-sanitizer memcheck over a small forward/backward of every plan kind        SANITIZE 90
-#   kernels    bench/bench_kernels.py --quick (each kernel's device time, TMA configs)            KERNELS  60
-#   bench      bench/bench_gpu.py --quick, then --int-rank                                        BENCH   150
-#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E     180
+#   build      the GPU build (pip install -e .), then `python -m dylora_kernels info`            BUILD   120
+#   tests      the GPU-relevant suites, with pytest-xdist when installed (one line per test)      TESTS   120
+#   sanitize   compute-sanitizer memcheck over a small forward/backward of every plan kind        SANITIZE 45
+#   kernels    bench/bench_kernels.py --quick (each kernel's device time, TMA configs)            KERNELS  45
+#   bench      bench/bench_gpu.py --quick, then --int-rank                                        BENCH    90
+#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E     120
+# The limits add up to 9 minutes (a step that ends early passes nothing on): one call of at most 10 minutes;
+# with the machine's start, what is left of the 15 minutes of device time allows a shorter second call.
 # Logs and results go to $OUT (default bench/out); a digest of every step is printed last. If the extension
 # fails to build, the script goes on without it (PYTHONPATH=.: the ops are defined in Python, Triton serves CUDA).
 # Exit status: non-zero if any step failed.
@@ -42,7 +44,7 @@ run() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
 
-if ! run build "$(limit BUILD 240)" install.log "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+if ! run build "$(limit BUILD 120)" install.log "$PY" -m pip install --no-build-isolation --no-deps -e .; then
     stamp "build FAILED: going on without the C++ extension (Triton only)"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DYLORA_ALLOW_NO_EXTENSION=1
 fi
@@ -51,22 +53,22 @@ fi
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 # -v: a line per finished test, so a run cut by the timeout still shows what passed and failed.
-run tests "$(limit TESTS 180)" tests.log "$PY" -m pytest -v -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} $TESTS
+run tests "$(limit TESTS 120)" tests.log "$PY" -m pytest -v -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} $TESTS
 DIGEST+=("  tests: passed $(grep -c ' PASSED' "$OUT/tests.log"), failed $(grep -c ' FAILED' "$OUT/tests.log"), errors $(grep -c ' ERROR' "$OUT/tests.log"), skipped $(grep -c ' SKIPPED' "$OUT/tests.log")")
 grep -E " (FAILED|ERROR)" "$OUT/tests.log" | grep "::" | head -n 25
 grep -E "^E  " "$OUT/tests.log" | sort | uniq -c | sort -rn | head -n 12
 
 if command -v compute-sanitizer >/dev/null; then
-    run sanitize "$(limit SANITIZE 90)" sanitize.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+    run sanitize "$(limit SANITIZE 45)" sanitize.log compute-sanitizer --tool memcheck --error-exitcode 1 \
         "$PY" bench/sanitize.py
     grep -E "ERROR SUMMARY|FAILED" "$OUT/sanitize.log" | head -n 5
 else
     DIGEST+=("sanitize: no compute-sanitizer on PATH")
 fi
-run kernels "$(limit KERNELS 60)" kernels.log "$PY" bench/bench_kernels.py --quick
-run bench "$(limit BENCH 150)" bench.log bash -c "'$PY' bench/bench_gpu.py --quick --out '$OUT' && '$PY' bench/bench_gpu.py --quick --int-rank --out '$OUT/int_rank'"
+run kernels "$(limit KERNELS 45)" kernels.log "$PY" bench/bench_kernels.py --quick
+run bench "$(limit BENCH 90)" bench.log bash -c "'$PY' bench/bench_gpu.py --quick --out '$OUT' && '$PY' bench/bench_gpu.py --quick --int-rank --out '$OUT/int_rank'"
 if [ -f bench/bench_e2e.py ]; then
-    run e2e "$(limit E2E 180)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT"
+    run e2e "$(limit E2E 120)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT"
 fi
 
 echo
