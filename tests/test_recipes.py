@@ -65,18 +65,9 @@ def grads(module: nn.Module) -> dict:
 # LyCORIS
 # --------------------------------------------------------------------------------------------
 def lycoris_layer(K, N, lora_dim, block_size, alpha, multiplier, dtype, seed=0):
-    """A DyLoraModule on a frozen nn.Linear, every block random (up_list starts at zero in LyCORIS)."""
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(K, N).to(dtype).requires_grad_(False)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(N, K, generator=g))  # a base as large as the update: float32
-        linear.bias.copy_(torch.randn(N, generator=g))       # cancellation in LyCORIS's W + ΔW − W shows
-    module = DyLoraModule("layer", linear, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha,
-                          block_size=block_size).to(dtype)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return module
+    """A DyLoraModule on a frozen nn.Linear, every block random (up_list starts at zero in LyCORIS). The base is
+    as large as the update, so float32 cancellation in LyCORIS's W + ΔW − W shows."""
+    return lycoris_conv_layer(nn.Linear(K, N), lora_dim, block_size, alpha, multiplier, dtype, seed)
 
 
 def forced_block(monkeypatch, block_count: int, b: int) -> list:
@@ -123,7 +114,7 @@ def test_lycoris_recipe_matches_lycoris_at_every_block(monkeypatch, dtype, lora_
 
 
 def lycoris_conv_layer(conv, lora_dim, block_size, alpha, multiplier, dtype, seed=0):
-    """A DyLoraModule on a frozen nn.Conv1d/2d/3d with a random base and every block random."""
+    """A DyLoraModule on a frozen base (nn.Linear, nn.Conv1d/2d/3d) with a random base and every block random."""
     g = torch.Generator().manual_seed(seed)
     conv = conv.to(dtype).requires_grad_(False)
     with torch.no_grad():
