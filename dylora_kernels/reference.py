@@ -16,12 +16,24 @@ never read) with per-row masks that select, not multiply, so a NaN in a slot a r
 reaches that row; 1/b_m divides u (it only shrinks it) and alpha enters the product as above. Adapters
 in another dtype than x (float32 adapters on a bfloat16 model) compute the low-rank term in their
 dtype, as PEFT does, and the result is cast to x's dtype.
+Adapter dropout (PEFT's ``lora_dropout``): the base sees x, the low-rank term sees dropout(x) =
+x ⊙ keep / (1 − p). The mask is a pure function of (seed, M, K, p), so every backend regenerates the
+same one in the backward instead of storing it (``dropout_keep`` below: the one definition):
+
+    element (m, k) of x (M, K), e = m·K + k; c = e >> 2 (64-bit)
+    (r0, r1, r2, r3) = Philox4x32-10(counter = (c mod 2³², c >> 32, 0, 0), key = (seed mod 2³², seed >> 32))
+    keep[m, k] = r_{e mod 4} >= threshold(p),   threshold(p) = floor(p · 2³²)
+
+Philox as triton's ``tl.randint4x(seed, c)`` computes it: one Philox call serves 4 consecutive elements.
+The kernels apply the 0/1 mask to x's tiles (exact in any dtype) and fold 1/(1 − p) into α.
+
 This module is also the "naive slicing" baseline of the benchmarks: it is deliberately simple.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,17 +52,65 @@ def rank_masks(rank: Tensor, r_max: int, frozen_prefix: bool) -> tuple[Tensor, T
     return used, ((slots == b - 1) if frozen_prefix else used)
 
 
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)  # multipliers A, B
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)    # key increments (the Weyl sequence)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter: np.ndarray, seed: int, rounds: int = 10) -> tuple[np.ndarray, ...]:
+    """Philox4x32-``rounds`` (Salmon et al., SC'11) of the 64-bit counters ``counter`` (uint64 array, as
+    (lo, hi, 0, 0)) under key (seed mod 2³², seed >> 32): four uint32 arrays, bit for bit what triton's
+    ``tl.randint4x(seed, counter)`` returns."""
+    c0, c1 = counter & _MASK32, counter >> np.uint64(32)
+    c2 = c3 = np.zeros_like(counter)
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    A, B = np.uint64(_PHILOX_ROUND[0]), np.uint64(_PHILOX_ROUND[1])
+    for _ in range(rounds):
+        prod_b, prod_a = B * c2, A * c0  # exact: both factors < 2³²
+        c0, c1, c2, c3 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0, prod_b & _MASK32,
+                          (prod_a >> np.uint64(32)) ^ c3 ^ k1, prod_a & _MASK32)
+        k0 = (k0 + np.uint64(_PHILOX_KEY[0])) & _MASK32
+        k1 = (k1 + np.uint64(_PHILOX_KEY[1])) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """The integer threshold of drop probability p in [0, 1): an element is kept when its uint32 draw is at
+    least floor(p·2³²) (keep probability 1 − p within 2⁻³²)."""
+    return int(p * 4294967296.0)
+
+
+def dropout_keep(seed: int, M: int, K: int, p: float, device: torch.device | str = "cpu") -> Tensor:
+    """The (M, K) bool keep-mask of adapter dropout for x (M, K) under ``seed`` (see the module docstring)."""
+    e = np.arange(M * K, dtype=np.uint64)
+    draws = np.stack(philox4x32(e >> np.uint64(2), seed), axis=-1)  # (M·K, 4)
+    r = np.take_along_axis(draws, (e & np.uint64(3)).astype(np.int64)[:, None], axis=1)[:, 0]
+    return torch.from_numpy(r >= dropout_threshold(p)).reshape(M, K).to(device)
+
+
+def dropped(x: Tensor, p: float, seed) -> Tensor:
+    """dropout(x) = x ⊙ keep / (1 − p) with the mask of x.reshape(-1, K) (x unchanged for p = 0)."""
+    if p == 0:
+        return x
+    K = x.shape[-1]
+    keep = dropout_keep(int(seed), x.numel() // max(K, 1), K, p, x.device).reshape(x.shape)
+    return torch.where(keep, x, x.new_zeros(())) * (1.0 / (1.0 - p))
+
+
 def dylora_linear(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                  rank: int | Tensor, alpha: float, frozen_prefix: bool = False, *, base: Tensor | None = None) -> Tensor:
+                  rank: int | Tensor, alpha: float, frozen_prefix: bool = False, *, base: Tensor | None = None,
+                  dropout_p: float = 0.0, dropout_seed=None) -> Tensor:
     """Naive-slicing DyLoRA linear (``weight=None``: the low-rank term alone, plus ``base`` if given).
-    ``rank``: an int, a 0-d integer tensor, or one rank per row of ``x.reshape(-1, K)``. No validation
-    here: callers pass valid inputs (see ``ops.dylora_linear``)."""
+    ``rank``: an int, a 0-d integer tensor, or one rank per row of ``x.reshape(-1, K)``. With ``dropout_p`` > 0
+    the low-rank term sees ``dropped(x, dropout_p, dropout_seed)`` (an int or a 0-d integer tensor seed). No
+    validation here: callers pass valid inputs (see ``ops.dylora_linear``)."""
     out = F.linear(x, weight, bias) if weight is not None else None
     if weight is None and bias is not None:
         out = bias.expand(*x.shape[:-1], bias.shape[0])
     if base is not None:
         out = base if out is None else out + base
-    x_lr = x.to(lora_A.dtype)
+    x_lr = dropped(x.to(lora_A.dtype), dropout_p, dropout_seed)
     if isinstance(rank, Tensor) and rank.dim() == 1:
         term = _per_row_lora(x_lr, lora_A, lora_B, rank, alpha, frozen_prefix)
     else:
