@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "dylora.h"
+#include "dropout.h"
 #include "prep.h"
 #include "triton_launch.h"
 
@@ -107,9 +108,14 @@ Tensor linear_plus_low_rank(const Tensor& x, const optional<Tensor>& weight, con
   return y;
 }
 
-// dx = g·W + alpha·lhs·rhs: the same composition, with Wᵀ as the "weight" (a view, nothing copied).
+// dx = g·W + alpha·lhs·rhs: the same composition, with Wᵀ as the "weight" (a view, nothing copied). With adapter
+// dropout the low-rank part (the gradient of dropout(x)) is masked first: dx = g·W + keep ⊙ (alpha·lhs·rhs).
 Tensor grad_input(const Tensor& grad, const optional<Tensor>& weight, const Tensor& lhs, const Tensor& rhs,
-                  double alpha) {
+                  double alpha, const dropout::Args& drop) {
+  if (drop.on()) {
+    Tensor dx = drop.kept(scaled_mm(lhs, rhs, alpha, std::nullopt));
+    return weight.has_value() ? dx.addmm_(gemm_operand(grad), gemm_operand(*weight)) : dx;
+  }
   const optional<Tensor> weight_t = weight.has_value() ? optional<Tensor>(weight->t()) : std::nullopt;
   return linear_plus_low_rank(grad, weight_t, std::nullopt, std::nullopt, lhs, rhs, alpha);
 }
@@ -207,14 +213,15 @@ std::tuple<Tensor, Tensor> forward_host_rank(const Tensor& x, const optional<Ten
                                              const optional<Tensor>& bias,
                                              const optional<Tensor>& base, const Tensor& lora_A,
                                              const Tensor& lora_B, const Tensor& rank, double alpha,
-                                             bool need_u) {
+                                             bool need_u, const dropout::Args& drop) {
   const auto dtype = x.scalar_type();
   const auto acc = intermediate_dtype(x, lora_A);
   const int64_t r_max = lora_A.size(0);
   const HostRank r = read_host_rank(rank, r_max);
   const int64_t width = r.hi;  // slots at or beyond the largest rank are never read
   const Tensor B_w = lora_B.narrow(1, 0, width).to(dtype);
-  Tensor u = mm_in(x, lora_A.narrow(0, 0, width).t(), acc);  // (M, width)
+  alpha = drop.alpha(alpha);
+  Tensor u = mm_in(drop.kept(x), lora_A.narrow(0, 0, width).t(), acc);  // (M, width)
   Tensor y;
   if (!r.per_row) {  // α/b rides in the GEMM's alpha, applied to the fp32 product
     y = linear_plus_low_rank(x, weight, bias, base, u.to(dtype), B_w.t(), alpha / r.lo);
@@ -230,12 +237,14 @@ std::tuple<Tensor, Tensor> forward_host_rank(const Tensor& x, const optional<Ten
 std::tuple<Tensor, Tensor, Tensor> backward_host_rank(
     const Tensor& grad, const Tensor& x, const optional<Tensor>& weight, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& u, const Tensor& rank, double alpha, bool frozen_prefix,
-    bool compute_dx, bool compute_lora) {
+    bool compute_dx, bool compute_lora, const dropout::Args& drop) {
   const auto dtype = x.scalar_type();
   const auto acc = intermediate_dtype(x, lora_A);
   const int64_t r_max = lora_A.size(0);
   const HostRank r = read_host_rank(rank, r_max);
   auto [dx, dA, dB] = not_computed(x, lora_A, lora_B);
+  alpha = drop.alpha(alpha);
+  const Tensor x_lr = compute_lora ? drop.kept(x) : x;  // what the adapter saw: dA = s·vᵀ·dropout(x)
   if (compute_lora) {
     dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous);
     dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous);
@@ -245,13 +254,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_host_rank(
     const double s = alpha / b;
     const int64_t gemm_width = x.is_cpu() ? std::min(r_max, std::max(b, kMinCpuGemmWidth)) : b;
     const Tensor v = mm_in(grad, lora_B.narrow(1, 0, gemm_width), acc).narrow(1, 0, b).to(dtype);
-    if (compute_dx) dx = grad_input(grad, weight, v, lora_A.narrow(0, 0, b).to(dtype), s);
+    if (compute_dx) dx = grad_input(grad, weight, v, lora_A.narrow(0, 0, b).to(dtype), s, drop);
     if (compute_lora && frozen_prefix) {  // row b-1 of dA and column b-1 of dB: two one-row GEMMs
-      write_scaled_mm(dA.narrow(0, b - 1, 1), v.narrow(1, b - 1, 1).t(), x, s);
+      write_scaled_mm(dA.narrow(0, b - 1, 1), v.narrow(1, b - 1, 1).t(), x_lr, s);
       write_scaled_mm(dB.narrow(1, b - 1, 1).t(), u.narrow(1, b - 1, 1).to(dtype).t(), grad, s);
     } else if (compute_lora) {
       // u is exactly zero beyond b: dB's extra gemm_width − b columns come out zero.
-      write_scaled_mm(dA.narrow(0, 0, b), v.t(), x, s);
+      write_scaled_mm(dA.narrow(0, 0, b), v.t(), x_lr, s);
       write_scaled_mm(dB.narrow(1, 0, gemm_width), grad.t(), u.narrow(1, 0, gemm_width).to(dtype), s);
     }
     return {dx, dA, dB};
@@ -260,13 +269,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_host_rank(
   const Tensor v = mm_in(grad, lora_B.narrow(1, 0, width), acc);  // (M, width)
   if (compute_dx) {
     const Tensor p = select_rows(v, rank, Slots::kUsed, alpha).to(dtype);
-    dx = grad_input(grad, weight, p, lora_A.narrow(0, 0, width).to(dtype), 1.0);
+    dx = grad_input(grad, weight, p, lora_A.narrow(0, 0, width).to(dtype), 1.0, drop);
   }
   if (compute_lora) {
     const Slots trained = frozen_prefix ? Slots::kTrained : Slots::kUsed;
     const Tensor p = select_rows(v, rank, trained, alpha).to(dtype);
     const Tensor q = select_rows(u.narrow(1, 0, width), rank, trained, alpha).to(dtype);
-    write_scaled_mm(dA.narrow(0, 0, width), p.t(), x, 1.0);
+    write_scaled_mm(dA.narrow(0, 0, width), p.t(), x_lr, 1.0);
     write_scaled_mm(dB.narrow(1, 0, width), grad.t(), q, 1.0);
   }
   return {dx, dA, dB};
@@ -331,26 +340,27 @@ DeviceRank device_rank(const Tensor& rank, int64_t r_max, at::ScalarType acc) {
 // what the GPU build runs for CUDA tensors (CPU tensors run it in tests). The prep's NaN rules are those above.
 std::tuple<Tensor, Tensor> forward_lean(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                                         const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
-                                        const Tensor& rank, double alpha, bool need_u) {
+                                        const Tensor& rank, double alpha, bool need_u, const dropout::Args& drop) {
   const auto acc = intermediate_dtype(x, lora_A);
-  const auto prepped = prep::forward(mm_in(x, lora_A.t(), acc), rank.to(at::kLong).contiguous(), lora_B,
+  const auto prepped = prep::forward(mm_in(drop.kept(x), lora_A.t(), acc), rank.to(at::kLong).contiguous(), lora_B,
                                      x.scalar_type(), need_u);
-  Tensor y = linear_plus_low_rank(x, weight, bias, base, prepped.p, prepped.z.t(), alpha);
+  Tensor y = linear_plus_low_rank(x, weight, bias, base, prepped.p, prepped.z.t(), drop.alpha(alpha));
   return {y, need_u ? prepped.u : at::empty({0}, x.options().dtype(acc))};
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_lean(const Tensor& grad, const Tensor& x, const optional<Tensor>& weight,
                                                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& u,
                                                  const Tensor& rank, double alpha, bool frozen_prefix, bool compute_dx,
-                                                 bool compute_lora) {
+                                                 bool compute_lora, const dropout::Args& drop) {
   auto [dx, dA, dB] = not_computed(x, lora_A, lora_B);
   if (!(compute_dx || compute_lora)) return {dx, dA, dB};
+  alpha = drop.alpha(alpha);
   const auto prepped = prep::backward(mm_in(grad, lora_B, intermediate_dtype(x, lora_A)), u,
                                       rank.to(at::kLong).contiguous(), lora_A, x.scalar_type(), frozen_prefix,
                                       compute_dx, compute_lora);
-  if (compute_dx) dx = grad_input(grad, weight, prepped.p_dx, prepped.a, alpha);
+  if (compute_dx) dx = grad_input(grad, weight, prepped.p_dx, prepped.a, alpha, drop);
   if (compute_lora) {
-    dA = scaled_mm(prepped.p_a.t(), x, alpha, std::nullopt).to(lora_A.scalar_type());
+    dA = scaled_mm(prepped.p_a.t(), drop.kept(x), alpha, std::nullopt).to(lora_A.scalar_type());
     dB = scaled_mm(grad.t(), prepped.q_b, alpha, std::nullopt).to(lora_B.scalar_type());
   }
   return {dx, dA, dB};
@@ -372,13 +382,15 @@ std::tuple<Tensor, Tensor> forward_device_rank(const Tensor& x, const optional<T
                                                const optional<Tensor>& bias,
                                                const optional<Tensor>& base,
                                                const Tensor& lora_A, const Tensor& lora_B,
-                                               const Tensor& rank, double alpha, bool need_u) {
+                                               const Tensor& rank, double alpha, bool need_u,
+                                               const dropout::Args& drop) {
   const auto dtype = x.scalar_type();
   const auto acc = intermediate_dtype(x, lora_A);
   const DeviceRank d = device_rank(rank, lora_A.size(0), acc);
+  alpha = drop.alpha(alpha);
   // u from a GEMM in x's dtype (fp32 accumulation inside); its unused columns are selected away, and
   // B's columns no row uses are zeroed, so NaN in unused slots of A or B never reaches y.
-  const Tensor u = at::where(d.used, at::mm(x, lora_A.to(dtype).t()), 0);
+  const Tensor u = at::where(d.used, at::mm(drop.kept(x), lora_A.to(dtype).t()), 0);
   const Tensor B_kept = at::where(d.kept, lora_B, 0);
   Tensor y;
   if (rank.dim() == 0) {  // 1/b into B's columns (it only shrinks them: no fp16 overflow), α into the GEMM
@@ -393,30 +405,32 @@ std::tuple<Tensor, Tensor> forward_device_rank(const Tensor& x, const optional<T
 std::tuple<Tensor, Tensor, Tensor> backward_device_rank(
     const Tensor& grad, const Tensor& x, const optional<Tensor>& weight, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& u, const Tensor& rank, double alpha, bool frozen_prefix,
-    bool compute_dx, bool compute_lora) {
+    bool compute_dx, bool compute_lora, const dropout::Args& drop) {
   const auto dtype = x.scalar_type();
   const auto acc = intermediate_dtype(x, lora_A);
   const int64_t r_max = lora_A.size(0);
   const DeviceRank d = device_rank(rank, r_max, acc);
+  alpha = drop.alpha(alpha);
   // v = g·B in x's dtype; a NaN in an unused column of B only reaches v's unused columns, selected away.
   const Tensor v = at::mm(grad, lora_B.to(dtype));
   auto [dx, dA, dB] = not_computed(x, lora_A, lora_B);
   if (compute_dx) {
     const Tensor A_kept = at::where(d.kept.t(), lora_A, 0);  // rows no row uses: zero (NaN cannot leak)
     if (rank.dim() == 0) {
-      dx = grad_input(grad, weight, at::where(d.used, v, 0), A_kept.mul_(d.inv_b).to(dtype), alpha);
+      dx = grad_input(grad, weight, at::where(d.used, v, 0), A_kept.mul_(d.inv_b).to(dtype), alpha, drop);
     } else {
       const Tensor p = at::where(d.used, v, 0).to(acc).mul_(d.inv_b).to(dtype);
-      dx = grad_input(grad, weight, p, A_kept.to(dtype), alpha);
+      dx = grad_input(grad, weight, p, A_kept.to(dtype), alpha, drop);
     }
   }
   if (!compute_lora) return {dx, dA, dB};
+  const Tensor x_lr = drop.kept(x);  // what the adapter saw
   if (frozen_prefix && rank.dim() == 0) {  // one slot: a GEMV for dA's row, one for dB's column
     const Tensor slot = (rank.reshape({1}).to(at::kLong) - 1).clamp_(0, r_max - 1);
     const Tensor p = v.index_select(1, slot).to(acc).mul_(d.inv_b).to(dtype);  // (M, 1), NaN if invalid
     const Tensor q = u.index_select(1, slot).mul(d.inv_b).to(dtype);
     dA = at::zeros_like(lora_A, at::MemoryFormat::Contiguous)
-             .index_copy_(0, slot, scaled_mm(p.t(), x, alpha, std::nullopt).to(lora_A.scalar_type()));
+             .index_copy_(0, slot, scaled_mm(p.t(), x_lr, alpha, std::nullopt).to(lora_A.scalar_type()));
     dB = at::zeros_like(lora_B, at::MemoryFormat::Contiguous)
              .index_copy_(1, slot, scaled_mm(grad.t(), q, alpha, std::nullopt).to(lora_B.scalar_type()));
     return {dx, dA, dB};
@@ -426,7 +440,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_device_rank(
       frozen_prefix ? slot_constants(r_max, x.device(), acc).slots.eq(rank.reshape({-1, 1}) - 1) : d.used;
   const Tensor p = at::where(trained, v, 0).to(acc).mul_(d.inv_b).to(dtype);
   const Tensor q = at::where(trained, u, 0).mul_(d.inv_b).to(dtype);
-  dA = scaled_mm(p.t(), x, alpha, std::nullopt).to(lora_A.scalar_type());
+  dA = scaled_mm(p.t(), x_lr, alpha, std::nullopt).to(lora_A.scalar_type());
   dB = scaled_mm(grad.t(), q, alpha, std::nullopt).to(lora_B.scalar_type());
   return {dx, dA, dB};
 }
@@ -438,10 +452,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_device_rank(
 std::tuple<Tensor, Tensor> forward_aten(const Tensor& x, const optional<Tensor>& weight,
                                         const optional<Tensor>& bias, const optional<Tensor>& base,
                                         const Tensor& lora_A, const Tensor& lora_B,
-                                        const Tensor& rank, double alpha, bool need_u) {
-  if (rank.is_cpu()) return forward_host_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
-  return lean_on(x) ? forward_lean(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u)
-                    : forward_device_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+                                        const Tensor& rank, double alpha, bool need_u, double dropout_p,
+                                        const optional<Tensor>& dropout_seed) {
+  const dropout::Args drop{dropout_p, dropout_seed};
+  if (rank.is_cpu()) return forward_host_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, drop);
+  return lean_on(x) ? forward_lean(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, drop)
+                    : forward_device_rank(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, drop);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_aten(const Tensor& grad, const Tensor& x,
@@ -449,15 +465,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_aten(const Tensor& grad, const Tenso
                                                  const Tensor& lora_A, const Tensor& lora_B,
                                                  const Tensor& u, const Tensor& rank, double alpha,
                                                  bool frozen_prefix, bool compute_dx,
-                                                 bool compute_lora) {
+                                                 bool compute_lora, double dropout_p,
+                                                 const optional<Tensor>& dropout_seed) {
+  const dropout::Args drop{dropout_p, dropout_seed};
   if (rank.is_cpu()) {
     return backward_host_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                              compute_lora);
+                              compute_lora, drop);
   }
   return lean_on(x) ? backward_lean(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                                    compute_lora)
+                                    compute_lora, drop)
                     : backward_device_rank(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix,
-                                           compute_dx, compute_lora);
+                                           compute_dx, compute_lora, drop);
 }
 
 namespace {
@@ -470,14 +488,15 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const optional<Tensor>& 
                                        const optional<Tensor>& bias, const optional<Tensor>& base,
                                        const Tensor& lora_A, const Tensor& lora_B,
                                        const Tensor& rank, double alpha, bool need_u,
-                                       c10::string_view backend) {
+                                       c10::string_view backend, double dropout_p,
+                                       const optional<Tensor>& dropout_seed) {
   if (is_python_backend(backend)) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::forward", "")
                          .typed<decltype(forward_cpu)>();
     return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CUDA), x, weight, bias, base, lora_A,
-                         lora_B, rank, alpha, need_u, backend);
+                         lora_B, rank, alpha, need_u, backend, dropout_p, dropout_seed);
   }
-  return forward_aten(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+  return forward_aten(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, dropout_p, dropout_seed);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& x,
@@ -485,15 +504,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor
                                                 const Tensor& lora_A, const Tensor& lora_B,
                                                 const Tensor& u, const Tensor& rank, double alpha,
                                                 bool frozen_prefix, bool compute_dx,
-                                                bool compute_lora, c10::string_view backend) {
+                                                bool compute_lora, c10::string_view backend, double dropout_p,
+                                                const optional<Tensor>& dropout_seed) {
   if (is_python_backend(backend)) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::backward", "")
                          .typed<decltype(backward_cpu)>();
     return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CUDA), grad, x, weight, lora_A,
-                         lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora, backend);
+                         lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora, backend, dropout_p,
+                         dropout_seed);
   }
   return backward_aten(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                       compute_lora);
+                       compute_lora, dropout_p, dropout_seed);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,10 +524,11 @@ std::tuple<Tensor, Tensor> call_forward(const Tensor& x, const optional<Tensor>&
                                         const optional<Tensor>& bias, const optional<Tensor>& base,
                                         const Tensor& lora_A, const Tensor& lora_B,
                                         const Tensor& rank, double alpha, bool need_u,
-                                        c10::string_view backend) {
+                                        c10::string_view backend, double dropout_p,
+                                        const optional<Tensor>& dropout_seed) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::forward", "")
                        .typed<decltype(forward_cpu)>();
-  return op.call(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend);
+  return op.call(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend, dropout_p, dropout_seed);
 }
 
 std::tuple<Tensor, Tensor, Tensor> call_backward(const Tensor& grad, const Tensor& x,
@@ -514,11 +536,12 @@ std::tuple<Tensor, Tensor, Tensor> call_backward(const Tensor& grad, const Tenso
                                                  const Tensor& lora_A, const Tensor& lora_B,
                                                  const Tensor& u, const Tensor& rank, double alpha,
                                                  bool frozen_prefix, bool compute_dx,
-                                                 bool compute_lora, c10::string_view backend) {
+                                                 bool compute_lora, c10::string_view backend, double dropout_p,
+                                                 const optional<Tensor>& dropout_seed) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::backward", "")
                        .typed<decltype(backward_cpu)>();
   return op.call(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                 compute_lora, backend);
+                 compute_lora, backend, dropout_p, dropout_seed);
 }
 
 // (..., K) -> (M, K) and (..., N) -> (M, N): views whenever the layout allows (K = 0 included).
@@ -545,9 +568,9 @@ int64_t out_features(const optional<Tensor>& weight, const Tensor& lora_B) {
 Tensor linear_no_grad(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                       const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
                       const Tensor& rank, double alpha, bool frozen_prefix,
-                      c10::string_view backend) {
+                      c10::string_view backend, double dropout_p, const optional<Tensor>& dropout_seed) {
   const Tensor y = std::get<0>(call_forward(rows(x), weight, bias, rows(base), lora_A, lora_B, rank,
-                                            alpha, /*need_u=*/false, backend));
+                                            alpha, /*need_u=*/false, backend, dropout_p, dropout_seed));
   return x.dim() == 2 ? y : at::_unsafe_view(y, out_shape(x, out_features(weight, lora_B)));
 }
 
@@ -556,14 +579,18 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
                         const optional<Tensor>& bias, const optional<Tensor>& base,
                         const Tensor& lora_A, const Tensor& lora_B, const Tensor& rank,
-                        double alpha, bool frozen_prefix, const std::string& backend) {
+                        double alpha, bool frozen_prefix, const std::string& backend, double dropout_p,
+                        const optional<Tensor>& dropout_seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const Tensor x2 = rows(x);
     auto [y, u] = call_forward(x2, weight, bias, rows(base), lora_A, lora_B, rank, alpha,
-                               /*need_u=*/true, backend);
-    // The rank is copied (a few integers): setting a new rank before backward() is harmless.
-    ctx->save_for_backward({x2, weight.value_or(Tensor()), lora_A, lora_B, u, rank.clone()});
+                               /*need_u=*/true, backend, dropout_p, dropout_seed);
+    // The rank is copied (a few integers): setting a new rank before backward() is harmless. The dropout seed
+    // is kept, not the mask: the backward regenerates it.
+    ctx->save_for_backward({x2, weight.value_or(Tensor()), lora_A, lora_B, u, rank.clone(),
+                            dropout_seed.value_or(Tensor())});
     ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["frozen_prefix"] = frozen_prefix;
     ctx->saved_data["backend"] = backend;
     ctx->saved_data["x_shape"] = x.sizes();
@@ -576,7 +603,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3];
-    const Tensor &u = saved[4], &rank = saved[5];
+    const Tensor &u = saved[4], &rank = saved[5], &seed = saved[6];
     const Tensor g = rows(grad_outputs[0]);
     const bool has_weight = weight.defined();
     const auto [need_x, need_w, need_bias, need_base, need_A, need_B] = input_grads(ctx, has_weight);
@@ -585,7 +612,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       std::tie(dx, dA, dB) = call_backward(
           g, x, has_weight ? optional<Tensor>(weight) : std::nullopt, lora_A, lora_B, u, rank,
           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["frozen_prefix"].toBool(), need_x,
-          need_A || need_B, ctx->saved_data["backend"].toStringRef());
+          need_A || need_B, ctx->saved_data["backend"].toStringRef(), ctx->saved_data["dropout_p"].toDouble(),
+          seed.defined() ? optional<Tensor>(seed) : std::nullopt);
       if (need_x) dx = dx.view(ctx->saved_data["x_shape"].toIntVector());
     }
     // The base layer is normally frozen; when it is not, its gradients are plain GEMMs.
@@ -593,20 +621,21 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     if (need_bias) dbias = g.sum(0);
     if (need_base) dbase = grad_outputs[0];  // base enters y with coefficient 1
     return {need_x ? dx : Tensor(), dW, dbias, dbase, need_A ? dA : Tensor(), need_B ? dB : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor linear_autograd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                        const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
                        const Tensor& rank, double alpha, bool frozen_prefix,
-                       c10::string_view backend) {
+                       c10::string_view backend, double dropout_p, const optional<Tensor>& dropout_seed) {
   if (!needs_grad(x, weight, bias, base, lora_A, lora_B)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return linear_no_grad(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend);
+    return linear_no_grad(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend, dropout_p,
+                          dropout_seed);
   }
   return LinearFunction::apply(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix,
-                               std::string(backend));
+                               std::string(backend), dropout_p, dropout_seed);
 }
 
 // Under torch.autocast the op computes like the plain-PyTorch peer (F.linear + two matmuls): every
@@ -615,7 +644,7 @@ template <c10::DeviceType device_type>
 Tensor linear_autocast(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                        const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
                        const Tensor& rank, double alpha, bool frozen_prefix,
-                       c10::string_view backend) {
+                       c10::string_view backend, double dropout_p, const optional<Tensor>& dropout_seed) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
   const auto dtype = at::autocast::get_autocast_dtype(device_type);
@@ -626,20 +655,23 @@ Tensor linear_autocast(const Tensor& x, const optional<Tensor>& weight, const op
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dylora::linear", "")
                        .typed<decltype(linear_no_grad)>();
   return op.call(cast(x), cast_opt(weight), cast_opt(bias), cast_opt(base), cast(lora_A),
-                 cast(lora_B), rank, alpha, frozen_prefix, backend);
+                 cast(lora_B), rank, alpha, frozen_prefix, backend, dropout_p, dropout_seed);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(dylora, m) {
   m.set_python_module("dylora_kernels.ops");  // the fake (meta) implementations live there
+  // dropout_p, dropout_seed: adapter dropout (PEFT's lora_dropout), the mask regenerated from the seed (dropout.h).
   m.def("linear(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor lora_A, Tensor lora_B, "
-        "Tensor rank, float alpha, bool frozen_prefix, str backend) -> Tensor");
+        "Tensor rank, float alpha, bool frozen_prefix, str backend, float dropout_p=0., "
+        "Tensor? dropout_seed=None) -> Tensor");
   m.def("forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor lora_A, Tensor lora_B, "
-        "Tensor rank, float alpha, bool need_u, str backend) -> (Tensor, Tensor)");
+        "Tensor rank, float alpha, bool need_u, str backend, float dropout_p=0., "
+        "Tensor? dropout_seed=None) -> (Tensor, Tensor)");
   m.def("backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor u, "
         "Tensor rank, float alpha, bool frozen_prefix, bool compute_dx, bool compute_lora, "
-        "str backend) -> (Tensor, Tensor, Tensor)");
+        "str backend, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dylora, CPU, m) {
@@ -667,12 +699,40 @@ void register_bindings(pybind11::module& m);  // csrc/plan.cpp
 // tests that run the device-rank path on CPU tensors.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dylora C++ kernels; call them through torch.ops.dylora (see dylora_kernels/ops.py)";
-  m.def("forward", &dylora::forward_aten, "(y, u) through ATen: host-rank or device-rank path");
-  m.def("backward", &dylora::backward_aten, "(dx, dA, dB) through ATen");
-  m.def("forward_device_rank", &dylora::forward_device_rank, "the device-rank path (tests)");
-  m.def("backward_device_rank", &dylora::backward_device_rank, "the device-rank path (tests)");
-  m.def("forward_lean", &dylora::forward_lean, "the lean composition: device-rank path of the GPU build (tests)");
-  m.def("backward_lean", &dylora::backward_lean, "the lean composition (tests)");
+  // The forward functions take (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u[, dropout_p,
+  // dropout_seed]); the backward ones (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
+  // compute_lora[, dropout_p, dropout_seed]).
+  using namespace pybind11::literals;
+  using dylora::dropout::Args;
+  using OptTensor = std::optional<at::Tensor>;
+  const auto fwd_args = [](auto fn) {
+    return [fn](const at::Tensor& x, const OptTensor& w, const OptTensor& bias, const OptTensor& base,
+                const at::Tensor& A, const at::Tensor& B, const at::Tensor& rank, double alpha, bool need_u,
+                double p, const OptTensor& seed) { return fn(x, w, bias, base, A, B, rank, alpha, need_u, Args{p, seed}); };
+  };
+  const auto bwd_args = [](auto fn) {
+    return [fn](const at::Tensor& g, const at::Tensor& x, const OptTensor& w, const at::Tensor& A, const at::Tensor& B,
+                const at::Tensor& u, const at::Tensor& rank, double alpha, bool frozen, bool dx, bool lora, double p,
+                const OptTensor& seed) { return fn(g, x, w, A, B, u, rank, alpha, frozen, dx, lora, Args{p, seed}); };
+  };
+#define DYLORA_FWD_ARGS "x"_a, "weight"_a, "bias"_a, "base"_a, "lora_A"_a, "lora_B"_a, "rank"_a, "alpha"_a, \
+    "need_u"_a, "dropout_p"_a = 0.0, "dropout_seed"_a = pybind11::none()
+#define DYLORA_BWD_ARGS "grad"_a, "x"_a, "weight"_a, "lora_A"_a, "lora_B"_a, "u"_a, "rank"_a, "alpha"_a, \
+    "frozen_prefix"_a, "compute_dx"_a, "compute_lora"_a, "dropout_p"_a = 0.0, "dropout_seed"_a = pybind11::none()
+  m.def("forward", &dylora::forward_aten, "(y, u) through ATen: host-rank or device-rank path", DYLORA_FWD_ARGS);
+  m.def("backward", &dylora::backward_aten, "(dx, dA, dB) through ATen", DYLORA_BWD_ARGS);
+  m.def("forward_device_rank", fwd_args(&dylora::forward_device_rank), "the device-rank path (tests)",
+        DYLORA_FWD_ARGS);
+  m.def("backward_device_rank", bwd_args(&dylora::backward_device_rank), "the device-rank path (tests)",
+        DYLORA_BWD_ARGS);
+  m.def("forward_lean", fwd_args(&dylora::forward_lean),
+        "the lean composition: device-rank path of the GPU build (tests)", DYLORA_FWD_ARGS);
+  m.def("backward_lean", bwd_args(&dylora::backward_lean), "the lean composition (tests)", DYLORA_BWD_ARGS);
+  m.def("dropout_keep", &dylora::dropout::select_kept,
+        "t (M, K) with the elements adapter dropout drops zeroed (the mask of dropout.h; tests)", "t"_a, "seed"_a,
+        "p"_a);
+#undef DYLORA_FWD_ARGS
+#undef DYLORA_BWD_ARGS
   dylora::executor::register_bindings(m);
   dylora::add_conv_functions(m);
   dylora::triton_launch::register_bindings(m);

@@ -1,5 +1,7 @@
 // What csrc/dylora.cpp offers the other translation units: the ATen composition of the forward and backward
-// (the CPU kernels, and on CUDA the executor's "cublas" plan). Rank on the host (a CPU tensor: slices) or on the
+// (the CPU kernels, and on CUDA the executor's "cublas" plan). dropout_p > 0: adapter dropout with the mask of
+// dropout.h regenerated from dropout_seed (the low-rank term sees dropout(x); u is (x ⊙ keep)·A[:b]ᵀ, 1/(1 − p)
+// folded into α: the backward must get the same p and seed). Rank on the host (a CPU tensor: slices) or on the
 // device (masks and 1/b_m on the device, no sync); see dylora.cpp for the math and the NaN rules.
 #pragma once
 
@@ -15,14 +17,17 @@ std::tuple<at::Tensor, at::Tensor> forward_aten(const at::Tensor& x, const std::
                                                 const std::optional<at::Tensor>& bias,
                                                 const std::optional<at::Tensor>& base, const at::Tensor& lora_A,
                                                 const at::Tensor& lora_B, const at::Tensor& rank, double alpha,
-                                                bool need_u);
+                                                bool need_u, double dropout_p = 0.0,
+                                                const std::optional<at::Tensor>& dropout_seed = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(const at::Tensor& grad, const at::Tensor& x,
                                                              const std::optional<at::Tensor>& weight,
                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                              const at::Tensor& u, const at::Tensor& rank,
                                                              double alpha, bool frozen_prefix, bool compute_dx,
-                                                             bool compute_lora);
+                                                             bool compute_lora, double dropout_p = 0.0,
+                                                             const std::optional<at::Tensor>& dropout_seed =
+                                                                 std::nullopt);
 
 // The autograd kernels of dylora::linear and dylora::conv (x, weight?, bias?, base?, lora_A, lora_B, ...):
 // whether any input needs a gradient, and which ones the backward must compute.

@@ -131,18 +131,19 @@ Key make_key(Fields... fields) {
 
 Key forward_key(c10::string_view backend, const Tensor& x, const optional<Tensor>& weight,
                 const optional<Tensor>& bias, const optional<Tensor>& base, const Tensor& lora_A,
-                const Tensor& lora_B, const Tensor& rank) {
+                const Tensor& lora_B, const Tensor& rank, double dropout_p) {
   return make_key(0, backend_id(backend), x.device().index(), x.scalar_type(), lora_A.scalar_type(),
-                  weight.has_value(), bias.has_value(), base.has_value(), rank.dim(), rank.is_cpu(),
+                  weight.has_value(), bias.has_value(), base.has_value(), rank.dim(), rank.is_cpu(), dropout_p > 0,
                   bucket(x.size(0)), lora_B.size(0), x.size(1), lora_A.size(0), tma_ready(x), tma_ready(weight),
                   rows_contiguous(base), rows_contiguous(lora_A), rows_contiguous(lora_B), global_settings());
 }
 
 Key backward_key(c10::string_view backend, const Tensor& grad, const Tensor& x, const optional<Tensor>& weight,
                  const Tensor& lora_A, const Tensor& lora_B, const Tensor& rank, bool frozen_prefix,
-                 bool compute_dx, bool compute_lora) {
+                 bool compute_dx, bool compute_lora, double dropout_p) {
   return make_key(1, backend_id(backend), x.device().index(), x.scalar_type(), lora_A.scalar_type(),
                   weight.has_value(), rank.dim(), rank.is_cpu(), frozen_prefix, compute_dx, compute_lora,
+                  dropout_p > 0,
                   bucket(x.size(0)), lora_B.size(0), x.size(1), lora_A.size(0), tma_ready(grad), tma_ready(weight),
                   rows_contiguous(x), rows_contiguous(lora_A), rows_contiguous(lora_B), global_settings());
 }
@@ -270,19 +271,22 @@ using BackwardResult = std::tuple<Tensor, Tensor, Tensor>;
 
 ForwardResult run_forward(const Part& part, const Tensor& x, const optional<Tensor>& weight,
                           const optional<Tensor>& bias, const optional<Tensor>& base, const Tensor& lora_A,
-                          const Tensor& lora_B, const Tensor& rank, double alpha, bool need_u) {
+                          const Tensor& lora_B, const Tensor& rank, double alpha, bool need_u, double dropout_p,
+                          const optional<Tensor>& dropout_seed) {
   switch (part.kind) {
     case Kind::kCublas:
-      return forward_aten(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+      return forward_aten(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, dropout_p, dropout_seed);
     case Kind::kTriton:  // the C++ launcher, or (a launch it does not take yet) the Python kernel below
       if (auto out = triton_launch::forward(*part.triton, x, weight, bias, base, lora_A, lora_B,
-                                            rank_on(rank, x, lora_A.size(0)), alpha, need_u)) {
+                                            rank_on(rank, x, lora_A.size(0)), alpha, need_u, dropout_p,
+                                            dropout_seed)) {
         return *out;
       }
       [[fallthrough]];
     case Kind::kPython: {
       py::gil_scoped_acquire gil;
-      return (*part.python)(x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, need_u)
+      return (*part.python)(x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, need_u, dropout_p,
+                            opt(dropout_seed))
           .cast<ForwardResult>();
     }
   }
@@ -291,22 +295,23 @@ ForwardResult run_forward(const Part& part, const Tensor& x, const optional<Tens
 
 BackwardResult run_backward(const Part& part, const Tensor& grad, const Tensor& x, const optional<Tensor>& weight,
                             const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, const Tensor& rank,
-                            double alpha, bool frozen_prefix, bool compute_dx, bool compute_lora) {
+                            double alpha, bool frozen_prefix, bool compute_dx, bool compute_lora, double dropout_p,
+                            const optional<Tensor>& dropout_seed) {
   switch (part.kind) {
     case Kind::kCublas:
       return backward_aten(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                           compute_lora);
+                           compute_lora, dropout_p, dropout_seed);
     case Kind::kTriton:  // as in run_forward
       if (auto out = triton_launch::backward(*part.triton, grad, x, weight, lora_A, lora_B, u,
                                              rank_on(rank, x, lora_A.size(0)), alpha, frozen_prefix, compute_dx,
-                                             compute_lora)) {
+                                             compute_lora, dropout_p, dropout_seed)) {
         return *out;
       }
       [[fallthrough]];
     case Kind::kPython: {
       py::gil_scoped_acquire gil;
       return (*part.python)(grad, x, opt(weight), lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                            compute_lora)
+                            compute_lora, dropout_p, opt(dropout_seed))
           .cast<BackwardResult>();
     }
   }
@@ -315,36 +320,39 @@ BackwardResult run_backward(const Part& part, const Tensor& grad, const Tensor& 
 
 ForwardResult execute_forward(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                               const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
-                              const Tensor& rank, double alpha, bool need_u, c10::string_view backend) {
+                              const Tensor& rank, double alpha, bool need_u, c10::string_view backend,
+                              double dropout_p, const optional<Tensor>& dropout_seed) {
   const c10::OptionalDeviceGuard device(x.device());
-  const auto plan = plans().get(forward_key(backend, x, weight, bias, base, lora_A, lora_B, rank), "forward", backend,
-                                [&] {
+  const auto plan = plans().get(forward_key(backend, x, weight, bias, base, lora_A, lora_B, rank, dropout_p),
+                                "forward", backend, [&] {
                                   return py::make_tuple(x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank,
-                                                        alpha, need_u);
+                                                        alpha, need_u, dropout_p, opt(dropout_seed));
                                 });
-  return run_forward(plan->parts[0], x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u);
+  return run_forward(plan->parts[0], x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, dropout_p,
+                     dropout_seed);
 }
 
 BackwardResult execute_backward(const Tensor& grad, const Tensor& x, const optional<Tensor>& weight,
                                 const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, const Tensor& rank,
                                 double alpha, bool frozen_prefix, bool compute_dx, bool compute_lora,
-                                c10::string_view backend) {
+                                c10::string_view backend, double dropout_p, const optional<Tensor>& dropout_seed) {
   const c10::OptionalDeviceGuard device(x.device());
   const auto plan = plans().get(
-      backward_key(backend, grad, x, weight, lora_A, lora_B, rank, frozen_prefix, compute_dx, compute_lora),
+      backward_key(backend, grad, x, weight, lora_A, lora_B, rank, frozen_prefix, compute_dx, compute_lora,
+                   dropout_p),
       "backward", backend, [&] {
         return py::make_tuple(grad, x, opt(weight), lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                              compute_lora);
+                              compute_lora, dropout_p, opt(dropout_seed));
       });
   if (plan->parts.size() == 1) {
     return run_backward(plan->parts[0], grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                        compute_lora);
+                        compute_lora, dropout_p, dropout_seed);
   }
   // A pair: dx from the first part, dA and dB from the second.
   Tensor dx = std::get<0>(run_backward(plan->parts[0], grad, x, weight, lora_A, lora_B, u, rank, alpha,
-                                       frozen_prefix, true, false));
+                                       frozen_prefix, true, false, dropout_p, dropout_seed));
   auto [unused, dA, dB] = run_backward(plan->parts[1], grad, x, weight, lora_A, lora_B, u, rank, alpha,
-                                       frozen_prefix, false, true);
+                                       frozen_prefix, false, true, dropout_p, dropout_seed);
   return {dx, dA, dB};
 }
 
@@ -365,43 +373,48 @@ bool python_path_forced() {
 
 ForwardResult forward_python(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                              const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
-                             const Tensor& rank, double alpha, bool need_u, c10::string_view backend) {
+                             const Tensor& rank, double alpha, bool need_u, c10::string_view backend,
+                             double dropout_p, const optional<Tensor>& dropout_seed) {
   py::gil_scoped_acquire gil;
   return python()
-      .forward(x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, need_u, std::string(backend))
+      .forward(x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, need_u, std::string(backend),
+               dropout_p, opt(dropout_seed))
       .cast<ForwardResult>();
 }
 
 BackwardResult backward_python(const Tensor& grad, const Tensor& x, const optional<Tensor>& weight,
                                const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, const Tensor& rank,
                                double alpha, bool frozen_prefix, bool compute_dx, bool compute_lora,
-                               c10::string_view backend) {
+                               c10::string_view backend, double dropout_p, const optional<Tensor>& dropout_seed) {
   py::gil_scoped_acquire gil;
   return python()
       .backward(grad, x, opt(weight), lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-                std::string(backend))
+                std::string(backend), dropout_p, opt(dropout_seed))
       .cast<BackwardResult>();
 }
 
 ForwardResult forward_cuda(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                            const optional<Tensor>& base, const Tensor& lora_A, const Tensor& lora_B,
-                           const Tensor& rank, double alpha, bool need_u, c10::string_view backend) {
+                           const Tensor& rank, double alpha, bool need_u, c10::string_view backend,
+                           double dropout_p, const optional<Tensor>& dropout_seed) {
   if (!x.is_cuda() || python_path_forced()) {
-    return forward_python(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend);
+    return forward_python(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend, dropout_p,
+                          dropout_seed);
   }
-  return execute_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend);
+  return execute_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend, dropout_p,
+                         dropout_seed);
 }
 
 BackwardResult backward_cuda(const Tensor& grad, const Tensor& x, const optional<Tensor>& weight,
                              const Tensor& lora_A, const Tensor& lora_B, const Tensor& u, const Tensor& rank,
                              double alpha, bool frozen_prefix, bool compute_dx, bool compute_lora,
-                             c10::string_view backend) {
+                             c10::string_view backend, double dropout_p, const optional<Tensor>& dropout_seed) {
   if (!x.is_cuda() || python_path_forced()) {
     return backward_python(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-                           compute_lora, backend);
+                           compute_lora, backend, dropout_p, dropout_seed);
   }
   return execute_backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-                          backend);
+                          backend, dropout_p, dropout_seed);
 }
 
 #endif  // WITH_CUDA
@@ -416,8 +429,13 @@ void register_bindings(py::module& m) {
           python_side() = new PythonSide{std::move(plan), std::move(forward), std::move(backward)};
         },
         "the planner and the Python path the CUDA executor calls (dylora_kernels/ops.py sets them)");
-  m.def("executor_forward", &execute_forward, "the CUDA executor's forward (tests run it on CPU tensors)");
-  m.def("executor_backward", &execute_backward, "the CUDA executor's backward (tests run it on CPU tensors)");
+  using namespace pybind11::literals;
+  m.def("executor_forward", &execute_forward, "the CUDA executor's forward (tests run it on CPU tensors)", "x"_a,
+        "weight"_a, "bias"_a, "base"_a, "lora_A"_a, "lora_B"_a, "rank"_a, "alpha"_a, "need_u"_a, "backend"_a,
+        "dropout_p"_a = 0.0, "dropout_seed"_a = py::none());
+  m.def("executor_backward", &execute_backward, "the CUDA executor's backward (tests run it on CPU tensors)",
+        "grad"_a, "x"_a, "weight"_a, "lora_A"_a, "lora_B"_a, "u"_a, "rank"_a, "alpha"_a, "frozen_prefix"_a,
+        "compute_dx"_a, "compute_lora"_a, "backend"_a, "dropout_p"_a = 0.0, "dropout_seed"_a = py::none());
   m.def("executor_clear", [] { plans().clear(); }, "forget every plan");
   m.def("executor_stats", [] { return py::make_tuple(plans().size(), plans().misses()); },
         "(plans kept, planner calls so far)");

@@ -772,8 +772,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(Plan& plan, const at::
                                                           const std::optional<at::Tensor>& bias,
                                                           const std::optional<at::Tensor>& base,
                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                          const at::Tensor& rank_in, double alpha, bool need_u) {
+                                                          const at::Tensor& rank_in, double alpha, bool need_u,
+                                                          double dropout_p,
+                                                          const std::optional<at::Tensor>& dropout_seed) {
   if (plan.op != "forward") throw std::invalid_argument("triton_launch::forward: a " + plan.op + " plan");
+  if (dropout_p > 0) return std::nullopt;  // TODO(dropout): the kernels' dropout arguments
   int64_t M = x.size(0), N = lora_B.size(0), R = lora_A.size(0);
   DeviceGuard guard(x.device());
   at::Tensor rank = rank_in.contiguous();
@@ -801,8 +804,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(Plan& plan, const at::
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> backward(
     Plan& plan, const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& u, const at::Tensor& rank_in, double alpha,
-    bool frozen_prefix, bool compute_dx, bool compute_lora) {
+    bool frozen_prefix, bool compute_dx, bool compute_lora, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   if (plan.op != "backward") throw std::invalid_argument("triton_launch::backward: a " + plan.op + " plan");
+  if (dropout_p > 0) return std::nullopt;  // TODO(dropout): the kernels' dropout arguments
   int64_t M = x.size(0), K = x.size(1), N = lora_B.size(0), R = lora_B.size(1);
   at::Tensor dx = x.new_empty({0}), dA = lora_A.new_empty({0}), dB = lora_B.new_empty({0});
   if (!(compute_dx || compute_lora)) return std::make_tuple(dx, dA, dB);

@@ -46,12 +46,15 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(Plan& plan, const at::
                                                           const std::optional<at::Tensor>& bias,
                                                           const std::optional<at::Tensor>& base,
                                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                          const at::Tensor& rank, double alpha, bool need_u);
+                                                          const at::Tensor& rank, double alpha, bool need_u,
+                                                          double dropout_p = 0.0,
+                                                          const std::optional<at::Tensor>& dropout_seed = std::nullopt);
 
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> backward(
     Plan& plan, const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& u, const at::Tensor& rank, double alpha,
-    bool frozen_prefix, bool compute_dx, bool compute_lora);
+    bool frozen_prefix, bool compute_dx, bool compute_lora, double dropout_p = 0.0,
+    const std::optional<at::Tensor>& dropout_seed = std::nullopt);
 
 // Test hooks, the recording stub and the ABI helpers as Python functions (_C.triton_*): call from the
 // extension's PYBIND11_MODULE.

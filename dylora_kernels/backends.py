@@ -163,16 +163,18 @@ def _rows(t: Tensor | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Candidates
 # ---------------------------------------------------------------------------------------------
-def _triton_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant, precision=None,
-                    tuned=True):
+def _triton_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, dropout_p, dropout_seed, variant,
+                    precision=None, tuned=True):
     return _triton().forward(x, weight, bias, base, lora_A, lora_B, _rank_on(rank, x.device), alpha, need_u,
-                             variant=variant, precision=precision, tuned=tuned)
+                             variant=variant, precision=precision, tuned=tuned, dropout_p=dropout_p,
+                             dropout_seed=dropout_seed)
 
 
 def _triton_backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-                     variant, precision=None, tuned=True):
+                     dropout_p, dropout_seed, variant, precision=None, tuned=True):
     return _triton().backward(grad, x, weight, lora_A, lora_B, u, _rank_on(rank, x.device), alpha, frozen_prefix,
-                              compute_dx, compute_lora, variant=variant, precision=precision, tuned=tuned)
+                              compute_dx, compute_lora, variant=variant, precision=precision, tuned=tuned,
+                              dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 def _implementations(op: str, x: Tensor, weight, lora_A, lora_B, backend: str, precision: str | None = None,
@@ -214,9 +216,11 @@ def _pairs(kernels: dict[str, Callable]) -> dict[str, Callable]:
 
 
 def _pair(dx_kernel, lora_kernel, grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
-          compute_lora):
-    dx = dx_kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, True, False)[0]
-    _, dA, dB = lora_kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, False, True)
+          compute_lora, dropout_p, dropout_seed):
+    dx = dx_kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, True, False, dropout_p,
+                   dropout_seed)[0]
+    _, dA, dB = lora_kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, False, True, dropout_p,
+                            dropout_seed)
     return dx, dA, dB
 
 
@@ -312,12 +316,12 @@ def _key(op: str, backend: str, args: tuple) -> tuple:
         x, weight, bias, base, lora_A, lora_B, rank = args[:7]
         precision, fixed = _key_settings(x, lora_A)
         return ("forward", backend, x.device, x.dtype, lora_A.dtype, weight is None, bias is None, base is None,
-                rank.dim(), rank.is_cpu, _bucket(x.shape[0]), lora_B.shape[0], x.shape[1], lora_B.shape[1],
-                tma_ready(x), tma_ready(weight), _rows(base), _rows(lora_A), _rows(lora_B), precision, fixed)
-    grad, x, weight, lora_A, lora_B, _, rank, _, frozen_prefix, compute_dx, compute_lora = args
+                rank.dim(), rank.is_cpu, args[9] > 0, _bucket(x.shape[0]), lora_B.shape[0], x.shape[1],
+                lora_B.shape[1], tma_ready(x), tma_ready(weight), _rows(base), _rows(lora_A), _rows(lora_B), precision, fixed)
+    grad, x, weight, lora_A, lora_B, _, rank, _, frozen_prefix, compute_dx, compute_lora, dropout_p, _ = args
     precision, fixed = _key_settings(x, lora_A)
     return ("backward", backend, x.device, x.dtype, lora_A.dtype, weight is None, rank.dim(), rank.is_cpu,
-            frozen_prefix, compute_dx, compute_lora, _bucket(x.shape[0]), lora_B.shape[0], x.shape[1],
+            frozen_prefix, compute_dx, compute_lora, dropout_p > 0, _bucket(x.shape[0]), lora_B.shape[0], x.shape[1],
             lora_B.shape[1], tma_ready(grad), tma_ready(weight), _rows(x), _rows(lora_A), _rows(lora_B), precision,
             fixed)
 
@@ -345,16 +349,18 @@ def _run(op: str, backend: str, args: tuple):
     return _first_call(key, _candidates(op, backend, args, key), args, x, rank, r_max, key[-1])
 
 
-def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend):
+def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend, dropout_p=0.0, dropout_seed=None):
     """(y, u) for dylora::forward through Python: CUDA tensors in the CPU build (or with ``DYLORA_CUDA_PATH=python``),
     CPU tensors in the Triton interpreter."""
-    return _run("forward", backend, (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u))
+    return _run("forward", backend, (x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, dropout_p,
+                                     dropout_seed))
 
 
-def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora, backend):
+def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora, backend,
+             dropout_p=0.0, dropout_seed=None):
     """(dx, dA, dB) for dylora::backward through Python (as ``forward``)."""
-    return _run("backward", backend,
-                (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora))
+    return _run("backward", backend, (grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx,
+                                      compute_lora, dropout_p, dropout_seed))
 
 
 _CHOSEN_NAMES: dict[tuple, str] = {}  # key -> the name of the kernel in _CHOSEN (for the C++ planner)

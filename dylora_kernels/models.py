@@ -96,18 +96,22 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         p.requires_grad_(id(p) in adapters)
 
 
-def _adapter(module: nn.Module, r_max: int, alpha: float, frozen_prefix: bool) -> DyLoRALinear | DyLoRAConvNd:
+def _adapter(module: nn.Module, r_max: int, alpha: float, frozen_prefix: bool,
+             dropout: float = 0.0) -> DyLoRALinear | DyLoRAConvNd:
     """A DyLoRALinear sharing ``module``'s weight and bias (an nn.Linear, or transformers' Conv1D), or a
     DyLoRAConv1d/2d/3d for an nn.Conv1d/2d/3d."""
     if type(module) in CONVS:
+        if dropout:
+            raise ValueError(f"inject: adapter dropout is fused for linear layers only, not {type(module).__name__} "
+                             "(target the linear layers, or use dropout=0.0)")
         return CONVS[type(module)].from_conv(module, r_max, alpha, frozen_prefix=frozen_prefix)
     if is_conv1d(module):
-        return DyLoRALinear.from_conv1d(module, r_max, alpha, frozen_prefix=frozen_prefix)
-    return DyLoRALinear.from_linear(module, r_max, alpha, frozen_prefix=frozen_prefix)
+        return DyLoRALinear.from_conv1d(module, r_max, alpha, frozen_prefix=frozen_prefix, dropout=dropout)
+    return DyLoRALinear.from_linear(module, r_max, alpha, frozen_prefix=frozen_prefix, dropout=dropout)
 
 
 def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, alpha: float,
-           frozen_prefix: bool = True) -> list[str]:
+           frozen_prefix: bool = True, dropout: float = 0.0) -> list[str]:
     """Replace the nn.Linear (or transformers Conv1D, as GPT-2's ``c_attn``; nn.Conv1d/2d/3d) modules named by
     ``target_modules`` by DyLoRALinear (DyLoRAConv1d/2d/3d) adapters, in place.
 
@@ -115,7 +119,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, al
     ``["query", "value"]`` on BERT, ``["q_proj", "v_proj"]`` on LLaMA, ``["c_attn"]`` on GPT-2,
     ``["0", "2"]`` on an nn.Sequential). Every parameter of the model except the adapters' lora_A /
     lora_B is frozen. The base weights are shared, not copied (a Conv1D's (in, out) weight is read
-    through a transposed view). Returns the names of the replaced modules.
+    through a transposed view). ``dropout``: adapter dropout of the linear adapters (PEFT's ``lora_dropout``,
+    fused; active in training mode). Returns the names of the replaced modules.
     """
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     linears = [name for name, m in model.named_modules()
@@ -128,7 +133,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], r_max: int, al
                          f"include: {shown}")
     names = [name for name in linears if any(_matches(name, t) for t in targets)]
     # every target wrapped (from_conv refuses grouped convolutions) before any is replaced
-    wrapped = {name: _adapter(model.get_submodule(name), r_max, alpha, frozen_prefix) for name in names}
+    wrapped = {name: _adapter(model.get_submodule(name), r_max, alpha, frozen_prefix, dropout) for name in names}
     for name, layer in wrapped.items():
         _replace(model, name, layer)
     _freeze_all_but_adapters(model)
@@ -595,7 +600,8 @@ def export_peft(model: nn.Module, path: str | Path, rank: int | None) -> Path:
     base_name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
     adapter_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
-        "r": ranks[first], "lora_alpha": first_layer.alpha, "use_rslora": False, "lora_dropout": 0.0,
+        "r": ranks[first], "lora_alpha": first_layer.alpha, "use_rslora": False,
+        "lora_dropout": getattr(first_layer, "dropout", 0.0),
         # PEFT reads a Conv1D's (in, out) weight with fan_in_fan_out (it decides per layer type anyway)
         "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
         "inference_mode": True, "init_lora_weights": True,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .conv import dylora_conv1d, dylora_conv2d, dylora_conv3d
-from .ops import check_alpha, check_int_rank, check_rank, dylora_linear
+from .ops import check_alpha, check_dropout, check_int_rank, check_rank, dylora_linear
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -30,42 +30,46 @@ class DyLoRALinear(nn.Module):
 
     ``fan_in_fan_out=True`` (what :meth:`from_conv1d` builds for GPT-2's ``Conv1D``): ``weight`` is
     stored (in_features, out_features) and the kernels read its transpose, a strided view (no copy).
+
+    ``dropout`` (PEFT's ``lora_dropout``): in training mode the adapter sees dropout(x) with probability
+    ``dropout``, the base layer x; fused into the kernels (the mask is regenerated in the backward, never
+    stored). No dropout in eval mode.
     """
 
     def __init__(self, in_features: int, out_features: int, r_max: int, alpha: float,
-                 bias: bool = True, frozen_prefix: bool = True, device=None, dtype=None):
+                 bias: bool = True, frozen_prefix: bool = True, device=None, dtype=None, dropout: float = 0.0):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         base = nn.Linear(in_features, out_features, bias=bias, **factory)
-        self._init(base.weight, base.bias, r_max, alpha, frozen_prefix)
+        self._init(base.weight, base.bias, r_max, alpha, frozen_prefix, dropout=dropout)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r_max: int, alpha: float,
-                    frozen_prefix: bool = True) -> "DyLoRALinear":
+                    frozen_prefix: bool = True, dropout: float = 0.0) -> "DyLoRALinear":
         """Wrap an existing nn.Linear: its weight and bias Parameters are shared (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        return cls._wrap(linear.weight, linear.bias, r_max, alpha, frozen_prefix, fan_in_fan_out=False)
+        return cls._wrap(linear.weight, linear.bias, r_max, alpha, frozen_prefix, False, dropout)
 
     @classmethod
     def from_conv1d(cls, conv: nn.Module, r_max: int, alpha: float,
-                    frozen_prefix: bool = True) -> "DyLoRALinear":
+                    frozen_prefix: bool = True, dropout: float = 0.0) -> "DyLoRALinear":
         """Wrap transformers' ``Conv1D`` (GPT-2: ``y = x·W + bias`` with W stored (in, out)): its weight
         and bias Parameters are shared (no copy, same shape, so state-dict keys and shapes stay the
         model's) and frozen; the kernels read ``weight.t()``, a view."""
         if not is_conv1d(conv):
             raise TypeError(f"from_conv1d expects a transformers Conv1D, got {type(conv).__name__}")
-        return cls._wrap(conv.weight, conv.bias, r_max, alpha, frozen_prefix, fan_in_fan_out=True)
+        return cls._wrap(conv.weight, conv.bias, r_max, alpha, frozen_prefix, True, dropout)
 
     @classmethod
-    def _wrap(cls, weight, bias, r_max, alpha, frozen_prefix, fan_in_fan_out) -> "DyLoRALinear":
+    def _wrap(cls, weight, bias, r_max, alpha, frozen_prefix, fan_in_fan_out, dropout) -> "DyLoRALinear":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init(weight, bias, r_max, alpha, frozen_prefix, fan_in_fan_out)
+        layer._init(weight, bias, r_max, alpha, frozen_prefix, fan_in_fan_out, dropout)
         return layer
 
     def _init(self, weight: nn.Parameter, bias: nn.Parameter | None, r_max: int, alpha: float,
-              frozen_prefix: bool, fan_in_fan_out: bool = False) -> None:
+              frozen_prefix: bool, fan_in_fan_out: bool = False, dropout: float = 0.0) -> None:
         if isinstance(r_max, bool) or not isinstance(r_max, numbers.Integral) or r_max < 1:
             raise ValueError(f"r_max must be an int >= 1, got {r_max!r}")
         if type(frozen_prefix) is not bool:
@@ -73,6 +77,7 @@ class DyLoRALinear(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         self.r_max, self.alpha, self.frozen_prefix = int(r_max), check_alpha(alpha), frozen_prefix
+        self.dropout = check_dropout(dropout)
         self.weight = weight
         self.bias = bias
         self.weight.requires_grad_(False)
@@ -138,14 +143,16 @@ class DyLoRALinear(nn.Module):
             # One rank per sample of a batch-first input: the same rank for all of its rows.
             rank = rank.repeat_interleave(math.prod(x.shape[1:-1]))
         return dylora_linear(x, self.weight_nk, self.bias, self.lora_A, self.lora_B, rank,
-                             self.alpha, frozen_prefix=self.frozen_prefix)
+                             self.alpha, frozen_prefix=self.frozen_prefix,
+                             dropout_p=self.dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
         rank = self.rank if isinstance(self.rank, int) else f"per-row{tuple(self._rank.shape)}"
         mode = "frozen_prefix" if self.frozen_prefix else "full"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r_max={self.r_max}, alpha={self.alpha}, "
-                f"rank={rank}, mode={mode}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                f"rank={rank}, mode={mode}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + (f", dropout={self.dropout}" if self.dropout else ""))
 
 
 class DyLoRAConvNd(nn.Module):

@@ -20,6 +20,10 @@ Kernel contract (x and grad 2-D: (M, K) and (M, N); weight, bias, base optional)
   value: read and checked on the host).
 - ``u`` is (M, r_max), float32 (float64 when x or the adapters are): x·A[:b_m]ᵀ in slots < b_m,
   exactly zero beyond; empty when ``need_u`` is False (no autograd).
+- ``dropout_p`` in [0, 1), ``dropout_seed`` (a 0-d int64 tensor on x's device; None when p = 0): adapter dropout,
+  the low-rank term sees dropout(x) = x ⊙ keep / (1 − p) with the mask of ``reference.dropout_keep`` regenerated
+  from the seed (never stored). Then u = (x ⊙ keep)·A[:b_m]ᵀ and every kernel folds 1/(1 − p) into alpha; the
+  backward gets the forward's p and seed.
 - ``dA`` (r_max, K) and ``dB`` (N, r_max) in the adapters' dtype, exactly zero outside the trained
   slots (slots < b_m; slot b_m − 1 only in frozen-prefix mode); y and dx in x's dtype. Outputs that
   are not asked for (``compute_dx`` / ``compute_lora`` False) are empty tensors.
@@ -56,12 +60,14 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 # tests/test_ops.py checks that both agree).
 SCHEMAS = {
     "linear": "linear(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor lora_A, Tensor lora_B, "
-              "Tensor rank, float alpha, bool frozen_prefix, str backend) -> Tensor",
+              "Tensor rank, float alpha, bool frozen_prefix, str backend, float dropout_p=0., "
+              "Tensor? dropout_seed=None) -> Tensor",
     "forward": "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor lora_A, Tensor lora_B, "
-               "Tensor rank, float alpha, bool need_u, str backend) -> (Tensor, Tensor)",
+               "Tensor rank, float alpha, bool need_u, str backend, float dropout_p=0., "
+               "Tensor? dropout_seed=None) -> (Tensor, Tensor)",
     "backward": "backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor u, "
                 "Tensor rank, float alpha, bool frozen_prefix, bool compute_dx, bool compute_lora, "
-                "str backend) -> (Tensor, Tensor, Tensor)",
+                "str backend, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)",
 }
 
 
@@ -74,7 +80,8 @@ def intermediate_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype | None = N
 # Public entry points: every check happens here and nowhere below.
 # --------------------------------------------------------------------------------------------
 def dylora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                  rank, alpha, *, frozen_prefix: bool = False, backend: str = "auto") -> Tensor:
+                  rank, alpha, *, frozen_prefix: bool = False, backend: str = "auto", dropout_p: float = 0.0,
+                  dropout_seed=None) -> Tensor:
     """``y = x·Wᵀ + bias + (alpha/b)·(x·A[:b]ᵀ)·B[:, :b]ᵀ`` with a rank b chosen at run time.
 
     Args:
@@ -90,33 +97,78 @@ def dylora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor
             frozen mode) instead of all rows/columns < b.
         backend: "auto" (C++ on CPU; on CUDA the fastest of Triton and the cuBLAS composition, measured
             per shape), "cpp", "cublas", "triton", "triton-tma", "triton-decode" or "reference".
+        dropout_p: adapter dropout (PEFT's ``lora_dropout``): the low-rank term sees dropout(x), the base layer
+            x. Fused: the mask is generated inside the kernels and regenerated in the backward, never stored.
+            In [0, 1); pass 0 outside training (as ``nn.Dropout`` in eval mode).
+        dropout_seed: the mask's seed: None (drawn from torch's generator on x's device: one small launch, safe
+            under CUDA-graph capture), an int, or a 0-d integer tensor. A fixed seed gives a fixed mask.
     Returns:
         (..., N) tensor in x's dtype.
     """
-    return _call(x, weight, bias, None, lora_A, lora_B, rank, alpha, frozen_prefix, backend)
+    return _call(x, weight, bias, None, lora_A, lora_B, rank, alpha, frozen_prefix, backend, dropout_p, dropout_seed)
 
 
 def dylora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, rank, alpha, *, frozen_prefix: bool = False,
-                 base: Tensor | None = None, backend: str = "auto") -> Tensor:
+                 base: Tensor | None = None, backend: str = "auto", dropout_p: float = 0.0,
+                 dropout_seed=None) -> Tensor:
     """The low-rank term alone, ``(alpha/b)·(x·A[:b]ᵀ)·B[:, :b]ᵀ``, for base layers a wrapper computes
     itself (a quantized linear, a fused QKV, a 1×1 convolution as a linear).
 
     ``base`` (..., N): a base output the term is added to inside the same kernel (base is read once
     and the sum written once, to a new tensor: base is not modified); autograd passes the gradient
-    of ``base`` through unchanged. Other arguments as in :func:`dylora_linear`.
+    of ``base`` through unchanged. Other arguments as in :func:`dylora_linear` (``dropout_p``: dropout on the x
+    this term sees; the base output is given, so it is PEFT's lora_dropout exactly).
     """
-    return _call(x, None, None, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend)
+    return _call(x, None, None, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend, dropout_p, dropout_seed)
 
 
-def _call(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend) -> Tensor:
+def _call(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend, dropout_p=0.0,
+          dropout_seed=None) -> Tensor:
     backend = _check_tensors(x, weight, bias, base, lora_A, lora_B, backend)
     if type(frozen_prefix) is not bool:
         raise TypeError(f"frozen_prefix must be a bool, got {type(frozen_prefix).__name__} {frozen_prefix!r}")
     rank = _rank_argument(rank, lora_A.shape[0], x, backend)
-    alpha = check_alpha(alpha, intermediate_dtype(x.dtype, lora_A.dtype))
+    accumulator = intermediate_dtype(x.dtype, lora_A.dtype)
+    alpha = check_alpha(alpha, accumulator)
+    dropout_p = check_dropout(dropout_p)
+    if dropout_p:
+        check_alpha(alpha / (1.0 - dropout_p), accumulator)  # what the kernels compute with
+        dropout_seed = _dropout_seed(dropout_seed, x.device)
+    else:
+        dropout_seed = None
     if backend == "reference":
-        return reference.dylora_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, base=base)
-    return _linear(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend)
+        return reference.dylora_linear(x, weight, bias, lora_A, lora_B, rank, alpha, frozen_prefix, base=base,
+                                       dropout_p=dropout_p, dropout_seed=dropout_seed)
+    return _linear(x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend, dropout_p,
+                   dropout_seed)
+
+
+def check_dropout(p) -> float:
+    """The dropout probability as a float in [0, 1): a real Python/NumPy scalar, else a TypeError / ValueError."""
+    if type(p) is not float:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise TypeError(f"dropout_p must be a float in [0, 1), got {type(p).__name__} {p!r}")
+        p = float(p)
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p must be in [0, 1) (the probability of dropping an element), got {p!r}")
+    return p
+
+
+def _dropout_seed(seed, device: torch.device) -> Tensor:
+    """The mask's seed as the kernels take it: a 0-d int64 tensor on x's device (drawn from torch's generator
+    there when None: a device-side draw, so a CUDA graph draws a new seed on every replay)."""
+    if seed is None:
+        return torch.randint(1 << 62, (), dtype=torch.int64, device=device)
+    if isinstance(seed, Tensor):
+        if seed.dim() != 0 or seed.dtype not in RANK_DTYPES:
+            raise TypeError(f"dropout_seed must be an int or a 0-d integer tensor, got a {seed.dtype} tensor of "
+                            f"shape {tuple(seed.shape)}")
+        return seed.to(device=device, dtype=torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"dropout_seed must be None, an int or a 0-d integer tensor, got {type(seed).__name__}")
+    if not -(1 << 63) <= int(seed) < (1 << 63):
+        raise ValueError(f"dropout_seed must fit in 64 bits, got {seed}")
+    return torch.full((), int(seed), dtype=torch.int64, device=device)
 
 
 def _check_tensors(x, weight, bias, base, lora_A, lora_B, backend) -> str:
@@ -334,14 +386,15 @@ def _out_features(weight, lora_B) -> int:
     return weight.shape[0] if weight is not None else lora_B.shape[0]
 
 
-def _fake_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend):
+def _fake_forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, backend, dropout_p=0.0,
+                  dropout_seed=None):
     u_shape = (x.shape[0], lora_A.shape[0]) if need_u else (0,)
     return (x.new_empty(x.shape[0], _out_features(weight, lora_B)),
             x.new_empty(u_shape, dtype=intermediate_dtype(x.dtype, lora_A.dtype)))
 
 
 def _fake_backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-                   backend):
+                   backend, dropout_p=0.0, dropout_seed=None):
     empty_or = lambda t, wanted: t.new_empty(t.shape if wanted else (0,))
     return empty_or(x, compute_dx), empty_or(lora_A, compute_lora), empty_or(lora_B, compute_lora)
 
@@ -361,8 +414,8 @@ if _C is None:
     _DEF_LIBRARY = _define_ops_without_extension()
 else:
     torch.library.register_fake("dylora::linear")(
-        lambda x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend:
-        x.new_empty(*x.shape[:-1], _out_features(weight, lora_B)))
+        lambda x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend, dropout_p=0.0,
+        dropout_seed=None: x.new_empty(*x.shape[:-1], _out_features(weight, lora_B)))
 torch.library.register_fake("dylora::forward")(_fake_forward)
 torch.library.register_fake("dylora::backward")(_fake_backward)
 if _C is not None:  # the C++ CUDA executor (csrc/plan.cpp) asks backends.plan on a new key, else runs without Python
@@ -377,27 +430,31 @@ class _PyLinear(torch.autograd.Function):
     """dylora::linear's autograd in Python: used only when the C++ extension is missing."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend):
+    def forward(ctx, x, weight, bias, base, lora_A, lora_B, rank, alpha, frozen_prefix, backend, dropout_p=0.0,
+                dropout_seed=None):
         x2 = x.reshape(-1, x.shape[-1])
         base2 = None if base is None else base.reshape(x2.shape[0], -1)
         need_u = any(ctx.needs_input_grad)  # grad mode is off inside forward(); this says what backward needs
-        y, u = torch.ops.dylora.forward(x2, weight, bias, base2, lora_A, lora_B, rank, alpha, need_u, backend)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, u, rank.clone())
+        y, u = torch.ops.dylora.forward(x2, weight, bias, base2, lora_A, lora_B, rank, alpha, need_u, backend,
+                                        dropout_p, dropout_seed)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, u, rank.clone(), dropout_seed)
         ctx.alpha, ctx.frozen_prefix, ctx.backend, ctx.x_shape = alpha, frozen_prefix, backend, x.shape
+        ctx.dropout_p = dropout_p
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight, lora_A, lora_B, u, rank = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, u, rank, dropout_seed = ctx.saved_tensors
         need_x, need_w, need_bias, need_base, need_A, need_B = ctx.needs_input_grad[:6]
         g = grad_y.reshape(x2.shape[0], -1)
         dx = dA = dB = None
         if need_x or need_A or need_B:
             dx, dA, dB = torch.ops.dylora.backward(g, x2, weight, lora_A, lora_B, u, rank, ctx.alpha,
-                                                   ctx.frozen_prefix, need_x, need_A or need_B, ctx.backend)
+                                                   ctx.frozen_prefix, need_x, need_A or need_B, ctx.backend,
+                                                   ctx.dropout_p, dropout_seed)
         return (dx.view(ctx.x_shape) if need_x else None, g.t() @ x2 if need_w else None,
                 g.sum(0) if need_bias else None, grad_y if need_base else None,
-                dA if need_A else None, dB if need_B else None, None, None, None, None)
+                dA if need_A else None, dB if need_B else None, None, None, None, None, None, None)
 
 
 _linear = torch.ops.dylora.linear.default if _C is not None else _PyLinear.apply

@@ -144,7 +144,7 @@ def test_backward_pairs_mix_families(frozen_prefix):
     g = torch.randn(23, 20, generator=torch.Generator().manual_seed(1))
     ref = reference_run(inputs, rank, 2.0, frozen_prefix, g)
     for name, kernel in pairs.items():
-        dx, dA, dB = kernel(g, x, W, A, B, u, rank, 2.0, frozen_prefix, True, True)
+        dx, dA, dB = kernel(g, x, W, A, B, u, rank, 2.0, frozen_prefix, True, True, 0.0, None)
         for what, out, expected in zip(("dx", "dA", "dB"), (dx, dA, dB), ref[1:]):
             assert rel_err(out, expected) <= 1e-5, (name, what)
 

@@ -42,8 +42,8 @@ def inputs(M=12, K=10, N=14, r_max=6, dtype=torch.float64, seed=0):
     return t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
 
 
-def forward(x, w, bias, A, B, rank, alpha=2.0, need_u=True, backend="auto"):
-    return _C.executor_forward(x, w, bias, None, A, B, rank, alpha, need_u, backend)
+def forward(x, w, bias, A, B, rank, alpha=2.0, need_u=True, backend="auto", dropout_p=0.0, dropout_seed=None):
+    return _C.executor_forward(x, w, bias, None, A, B, rank, alpha, need_u, backend, dropout_p, dropout_seed)
 
 
 def reference_forward(x, w, bias, A, B, b, alpha=2.0):
@@ -122,15 +122,35 @@ def test_python_part_gets_the_call_and_its_result_comes_back(planner):
     y, u = forward(x, w, bias, A, B, torch.tensor(4), alpha=0.5, need_u=False)
     assert y is not None and torch.equal(y, y0) and torch.equal(u, u0)
     (args,) = seen
-    assert len(args) == 9 and args[0] is not None and torch.equal(args[0], x) and args[3] is None
-    assert int(args[6]) == 4 and args[7] == 0.5 and args[8] is False
+    assert len(args) == 11 and args[0] is not None and torch.equal(args[0], x) and args[3] is None
+    assert int(args[6]) == 4 and args[7] == 0.5 and args[8] is False and args[9] == 0.0 and args[10] is None
+
+
+def test_dropout_is_part_of_the_key_and_reaches_the_kernel(planner):
+    """A call with adapter dropout has its own plan (a kernel chosen without dropout may not take it) and its p and
+    seed reach the part."""
+    seen = []
+
+    def kernel(*args):
+        seen.append(args)
+        return torch.zeros(12, 14, dtype=torch.float64), torch.zeros(12, 6)
+
+    fake = planner([("triton", None, kernel)])
+    x, w, bias, A, B = inputs()
+    seed = torch.tensor(9)
+    forward(x, w, bias, A, B, torch.tensor(4), alpha=0.5, need_u=False)
+    forward(x, w, bias, A, B, torch.tensor(4), alpha=0.5, need_u=False, dropout_p=0.25, dropout_seed=seed)
+    forward(x, w, bias, A, B, torch.tensor(4), alpha=0.5, need_u=False, dropout_p=0.5, dropout_seed=seed)
+    assert len(fake.calls) == 2  # p = 0 and p > 0; the value of p is data
+    assert seen[1][9] == 0.25 and seen[1][10] is seed and seen[2][9] == 0.5
 
 
 def test_backward_pair_takes_dx_from_the_first_part_and_lora_grads_from_the_second(planner):
     calls = []
 
     def part(tag):
-        def kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen, compute_dx, compute_lora):
+        def kernel(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen, compute_dx, compute_lora, dropout_p,
+                   dropout_seed):
             calls.append((tag, compute_dx, compute_lora))
             fill = 1.0 if tag == "first" else 2.0
             return (torch.full_like(x, fill) if compute_dx else x.new_empty(0),
@@ -176,7 +196,7 @@ def test_real_planner_on_the_interpreter_matches_the_reference(planner):
     y, _ = forward(x, w, bias, A, B, torch.tensor(5), backend="triton")
     assert rel_err(y, reference_forward(*(t.double() for t in (x, w, bias, A, B)), 5)) < 1e-5
     ((name, description, kernel),), final = backends.plan("forward", "triton", (x, w, bias, None, A, B,
-                                                                                torch.tensor(5), 2.0, True))
+                                                                                torch.tensor(5), 2.0, True, 0.0, None))
     assert name == "triton" and final and callable(kernel)
 
 

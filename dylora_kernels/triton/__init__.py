@@ -69,9 +69,11 @@ def variants(op: str, x, weight, lora_A, lora_B) -> list[str]:
 
 
 def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant="pointer", precision=None,
-            tuned=True):
+            tuned=True, dropout_p=0.0, dropout_seed=None):
     """(y, u): y = x·Wᵀ + bias + base + (alpha/b_m)·u·B[:, :b_m]ᵀ in x's dtype, u = x·A[:b_m]ᵀ fp32 (M, R);
     u is an empty tensor unless need_u (the op's contract; "pointer" and "tma" compute it anyway)."""
+    if dropout_p:
+        raise NotImplementedError("dylora: adapter dropout in the Triton kernels is not built yet")
     M, N, R = x.shape[0], lora_B.shape[0], lora_A.shape[0]
     rank = rank.contiguous()  # per-row ranks are read at rank_ptr + m
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -90,10 +92,12 @@ def forward(x, weight, bias, base, lora_A, lora_B, rank, alpha, need_u, variant=
 
 
 def backward(grad, x, weight, lora_A, lora_B, u, rank, alpha, frozen_prefix, compute_dx, compute_lora,
-             variant="pointer", precision=None, tuned=True):
+             variant="pointer", precision=None, tuned=True, dropout_p=0.0, dropout_seed=None):
     """(dx, dA, dB): dx = g·W + (alpha/b_m)·v·A[:b_m] with v = g·B[:, :b_m] (empty unless compute_dx); dA and dB
     on the trained slots (< b_m, or b_m - 1 in frozen-prefix mode), exactly zero elsewhere (empty unless
     compute_lora). u is the forward's (M, R) fp32 intermediate."""
+    if dropout_p:
+        raise NotImplementedError("dylora: adapter dropout in the Triton kernels is not built yet")
     (M, K), (N, R) = x.shape, lora_B.shape
     dx, dA, dB = x.new_empty(0), lora_A.new_empty(0), lora_B.new_empty(0)  # what is not asked for comes back empty
     if not (compute_dx or compute_lora):
