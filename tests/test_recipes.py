@@ -302,12 +302,27 @@ def run_peft(forward, layer, x, grad, seed=0):
     return y.detach(), x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
 
 
+class SameMaskDropout(nn.Module):
+    """PEFT's lora_dropout replaced by the fused kernels' mask: the seed drawn as ``dylora_delta`` draws it (from
+    torch's generator), the mask of ``reference.dropout_keep`` applied with 1/(1 − p). With it, PEFT's own forward
+    sees the x the fused op's adapter path sees."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        seed = torch.randint(1 << 62, (), dtype=torch.int64, device=x.device)
+        return dk.reference.dropped(x, self.p, seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
 def test_peft_recipe_at_rank_b_is_peft_with_r_b(dtype, frozen_prefix):
     """The r_max layer at DyLoRA rank b equals PEFT's own forward of a LoRA layer with r = b,
     lora_alpha = alpha and the weights A[:b], B[:, :b]; dA/dB are its gradients on the trained slots
-    (all < b, or b − 1 only in frozen-prefix mode) and exactly zero elsewhere. Dropout on, seeded."""
+    (all < b, or b − 1 only in frozen-prefix mode) and exactly zero elsewhere. Dropout on (fused in the recipe; PEFT's
+    layer given the same mask), seeded."""
     r_max, lora_alpha = 6, 9.0
     layer = peft_layer(r_max, lora_alpha, dtype, dropout=0.25)
     base_net = Net().to(dtype)
@@ -321,6 +336,7 @@ def test_peft_recipe_at_rank_b_is_peft_with_r_b(dtype, frozen_prefix):
         with torch.no_grad():
             small.lora_A["default"].weight.copy_(A[:b])
             small.lora_B["default"].weight.copy_(B[:, :b])
+        small.lora_dropout["default"] = SameMaskDropout(0.25)
         y_ref, dx_ref, dA_ref, dB_ref = run_peft(small, small, x, grad)
         y, dx, dA, dB = run_peft(lambda x: RECIPES["peft_dylora_forward"](layer, x, b, frozen_prefix=frozen_prefix),
                                  layer, x, grad)
