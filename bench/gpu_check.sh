@@ -3,11 +3,12 @@
 # Steps, in order, each under its own time limit (seconds; GPU_CHECK_<STEP>_TIMEOUT overrides) so that a slow
 # step cannot starve the rest:
 #   build      the GPU build (pip install -e .), then `python -m dylora_kernels info`            BUILD   120
-#   tests      the GPU-relevant suites, with pytest-xdist when installed (one line per test)      TESTS   120
+#   tests      the GPU-relevant suites, with pytest-xdist when installed (one line per test)      TESTS   110
 #   sanitize   compute-sanitizer memcheck over a small forward/backward of every plan kind        SANITIZE 45
 #   kernels    bench/bench_kernels.py --quick (each kernel's device time, TMA configs)            KERNELS  45
 #   bench      bench/bench_gpu.py --quick, then --int-rank                                        BENCH    90
-#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E     120
+#   dropout    bench/bench_dropout.py on CUDA, bf16 (fused adapter dropout vs dropout + op)       DROPOUT  35
+#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E      95
 # The limits add up to 9 minutes (a step that ends early passes nothing on): one call of at most 10 minutes;
 # with the machine's start, what is left of the 15 minutes of device time allows a shorter second call.
 # Logs and results go to $OUT (default bench/out); a digest of every step is printed last. If the extension
@@ -19,7 +20,7 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DYLORA_FUZZ_CASES=${DYLORA_FUZZ_CASES:-20}
 export DYLORA_DISPATCH_CACHE="$OUT/dispatch_cache"  # a fresh dispatcher cache: the run measures
-TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_executor.py tests/test_lean.py tests/test_info.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py tests/test_gpu_reliability.py tests/test_e2e.py::test_captured_training_step_replays_every_rank"}
+TESTS=${GPU_CHECK_TESTS:-"tests/test_cuda.py tests/test_executor.py tests/test_lean.py tests/test_info.py tests/test_triton.py tests/test_ops.py tests/test_wrappers.py tests/test_reliability.py tests/test_dispatch.py tests/test_gpu_reliability.py tests/test_dropout.py tests/test_e2e.py::test_captured_training_step_replays_every_rank"}
 PY=${PYTHON:-python3}
 t0=$SECONDS
 DIGEST=()
@@ -53,7 +54,7 @@ fi
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 # -v: a line per finished test, so a run cut by the timeout still shows what passed and failed.
-run tests "$(limit TESTS 120)" tests.log "$PY" -m pytest -v -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} $TESTS
+run tests "$(limit TESTS 110)" tests.log "$PY" -m pytest -v -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} $TESTS
 DIGEST+=("  tests: passed $(grep -c ' PASSED' "$OUT/tests.log"), failed $(grep -c ' FAILED' "$OUT/tests.log"), errors $(grep -c ' ERROR' "$OUT/tests.log"), skipped $(grep -c ' SKIPPED' "$OUT/tests.log")")
 grep -E " (FAILED|ERROR)" "$OUT/tests.log" | grep "::" | head -n 25
 grep -E "^E  " "$OUT/tests.log" | sort | uniq -c | sort -rn | head -n 12
@@ -67,13 +68,16 @@ else
 fi
 run kernels "$(limit KERNELS 45)" kernels.log "$PY" bench/bench_kernels.py --quick
 run bench "$(limit BENCH 90)" bench.log bash -c "'$PY' bench/bench_gpu.py --quick --out '$OUT' && '$PY' bench/bench_gpu.py --quick --int-rank --out '$OUT/int_rank'"
+run dropout "$(limit DROPOUT 35)" dropout.log "$PY" bench/bench_dropout.py --device cuda --dtype bfloat16 \
+    --shapes 8192x4096x4096,1024x768x768 --r-max 64 --rank 32
 if [ -f bench/bench_e2e.py ]; then
-    run e2e "$(limit E2E 120)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT"
+    run e2e "$(limit E2E 95)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT"
 fi
 
 echo
 [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
 [ -f "$OUT/bench_e2e.md" ] && { echo; cat "$OUT/bench_e2e.md"; }
+grep "^|" "$OUT/dropout.log" 2>/dev/null
 echo
 stamp "digest"
 printf '  %s\n' "${DIGEST[@]}"

@@ -146,23 +146,71 @@ CPP_EXECUTOR = ops._C is not None and ops._C.CUDA_BUILD
 @pytest.mark.parametrize("backend", ["cublas", "triton", "triton-tma", "triton-decode"])
 @pytest.mark.parametrize("rank_kind", ["int", "device", "per-row"])
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
-def test_cpp_executor_equals_the_python_path(backend, rank_kind, frozen_prefix):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_cpp_executor_equals_the_python_path(backend, rank_kind, frozen_prefix, dropout_p):
     """The C++ executor runs the same kernels as the Python path for a named backend: bit-identical y, u, dx, dA, dB
-    (the cuBLAS composition's lean prep on both; Triton binaries from C++ vs triton's launcher)."""
+    (the cuBLAS composition's lean prep on both; Triton binaries from C++ vs triton's launcher), with and without
+    adapter dropout (the seed on the device)."""
     M = 16 if backend == "triton-decode" else 300
     t = make_inputs((M, 256), 200, 16, True, "contiguous", torch.bfloat16, "cuda")
     rank = {"int": torch.tensor(5), "device": torch.tensor(5, device="cuda"),
             "per-row": per_row_ranks(M, 16).cuda()}[rank_kind]
+    drop = (dropout_p, torch.tensor(1234, device="cuda") if dropout_p else None)
     args = (t["x"], t["weight"], t["bias"], None, t["lora_A"], t["lora_B"], rank, ALPHA, True)
     try:
-        py_y, py_u = backends.forward(*args, backend)
+        py_y, py_u = backends.forward(*args, backend, *drop)
     except ValueError as error:  # e.g. triton-tma below sm_90
         pytest.skip(str(error))
-    y, u = torch.ops.dylora.forward(*args, backend)
+    y, u = torch.ops.dylora.forward(*args, backend, *drop)
     assert torch.equal(y, py_y) and torch.equal(u, py_u)
     if backend == "triton-decode":
         return  # forward only
     grad = torch.randn_like(y)
     bwd = (grad, t["x"], t["weight"], t["lora_A"], t["lora_B"], u, rank, ALPHA, frozen_prefix, True, True, backend)
-    for ours, theirs in zip(torch.ops.dylora.backward(*bwd), backends.backward(*bwd)):
+    for ours, theirs in zip(torch.ops.dylora.backward(*bwd, *drop), backends.backward(*bwd, *drop)):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("seed_kind", ["drawn", "given"])
+def test_dropout_under_graph_capture(fresh_dispatcher, seed_kind):
+    """Adapter dropout in a captured training step (warmed up eagerly): with the seed drawn by the op (a device-side
+    draw inside the graph) every replay uses a new mask; with a seed tensor the caller rewrites between replays, each
+    replay equals the float64 reference with that seed."""
+    from test_dropout import reference_run as dropout_reference
+    M, K, N, r_max = 96, 64, 48, 8
+    inputs = make_inputs((M, K), N, r_max, True, "contiguous", torch.float32, "cuda")
+    g = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).cuda()
+    rank = torch.tensor(5, device="cuda")
+    seed = torch.tensor(7, device="cuda") if seed_kind == "given" else None
+    leaves = {k: v.clone().requires_grad_(k in ("x", "lora_A", "lora_B")) for k, v in inputs.items()}
+
+    def step():
+        for k in ("x", "lora_A", "lora_B"):
+            leaves[k].grad = None
+        y = dylora_kernels.dylora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
+                                         leaves["lora_B"], rank, ALPHA, frozen_prefix=True, dropout_p=0.3,
+                                         dropout_seed=seed)
+        y.backward(g)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    outputs = []
+    for value in (11, 12):
+        if seed is not None:
+            seed.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        outputs.append(y.detach().clone())
+        if seed is not None:
+            ours = (y.detach(), leaves["x"].grad, leaves["lora_A"].grad, leaves["lora_B"].grad)
+            ref = dropout_reference(inputs, 5, ALPHA, True, g, 0.3, value)
+            for name, out, expected in zip(("y", "dx", "dA", "dB"), ours, ref):
+                assert rel_err(out.cpu(), expected) <= 2e-3, name
+    assert not torch.equal(outputs[0], outputs[1])  # a new mask per replay
