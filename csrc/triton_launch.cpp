@@ -677,15 +677,19 @@ void decode_linear(Calls& c, const at::Tensor& x, const at::Tensor* w, const at:
   c.add([&](const Binary& b) { return grid3(cdiv(N, b.block_n)); });
 }
 
-// kernels.finish: out (R, K) = alpha·Σ_{s < n_parts} part[s] (or into row b-1 with one_slot).
+constexpr int64_t kFinishLoad = 8192;  // kernels.FINISH_LOAD
+
+// kernels.finish: out (R, K) = alpha·Σ_{s < n_parts} part[s] (or into row b-1 with one_slot); blocks as
+// kernels.finish_blocks.
 void finish(Calls& c, const at::Tensor& part, int64_t n_parts, const at::Tensor& rank, double alpha, bool one_slot,
             const at::Tensor& out) {
-  int64_t R = out.size(0), K = out.size(1), BLOCK_R = block_r(R), BLOCK_K = BLOCK_R < 64 ? 128 : 64;
+  int64_t R = out.size(0), K = out.size(1), BLOCK_R = block_r(R), BLOCK_K = std::max<int64_t>(32, 2048 / BLOCK_R);
+  int64_t BLOCK_S = kFinishLoad / (one_slot ? BLOCK_K : BLOCK_R * BLOCK_K);
   Launch& l = c.begin(kFinish);
   l << tensor(part) << tensor(rank) << tensor(out) << integer(K) << integer(R) << integer(n_parts) << real(alpha)
     << integer(part.stride(0)) << integer(part.dim() == 3 ? part.stride(1) : 0) << integer(part.stride(-1));
   l.strides(out);
-  l.flag("ONE_SLOT", one_slot).value("BLOCK_R", BLOCK_R).value("BLOCK_K", BLOCK_K);
+  l.flag("ONE_SLOT", one_slot).value("BLOCK_R", BLOCK_R).value("BLOCK_K", BLOCK_K).value("BLOCK_S", BLOCK_S);
   c.add([&](const Binary&) { return grid3(cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)); });
 }
 

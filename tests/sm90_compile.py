@@ -1,6 +1,6 @@
 """Compile every Triton kernel for an H100 (sm_90a) without a GPU, with the ptxas that triton bundles.
 
-    python tests/sm90_compile.py [--quick | --index-width | --precision | --arch [--quick]]
+    python tests/sm90_compile.py [--quick | --index-width | --precision | --arch [--quick]] [--only=KERNEL,...]
     (TRITON_INTERPRET must be unset: it replaces the compiler)
 
 The interpreter runs the kernels' arithmetic but not the compiler, so it misses what only compilation finds:
@@ -27,7 +27,8 @@ autotune keys excepted: never specialised). Checks, per compilation:
 - fp32 dots follow PRECISION: no tf32 tensor-core instruction under "ieee", tf32 under "tf32".
 
 Prints one line per compilation; exit status 1 if a check fails, 77 if this triton cannot compile offline.
---quick: only each kernel's first large config in bf16 with the heaviest flags. --index-width / --precision: only
+--quick: only each kernel's first large config in bf16 with the heaviest flags. --only=tma,finish: only those
+kernels (after the index-width and precision checks). --index-width / --precision: only
 that check. --arch [--quick]: the pointer kernels for sm_80, sm_86 and sm_89 (every config, dtype, layout; fp32
 dots in both precisions), their shared memory against 99 / 163 / 227 KiB and the pruning rule
 (kernels.shared_memory) checked against it; --quick: sm_86, fp32 and fp32 adapters, "ieee", one layout.
@@ -68,7 +69,8 @@ DTYPES = {"bf16": ("bf16", "bf16"), "fp32": ("fp32", "fp32"), "bf16+fp32 adapter
 #            "tma": TMA loads on mbarriers feeding wgmma left in flight; "async": both dot operands by cp.async;
 #            "async+prefetch": the streamed operand by cp.async, every other load issued one iteration ahead
 #            (the shrink's Y, whose slot mask lies along its contiguous dimension for v); "prefetch": every load one
-#            iteration ahead (the GEMV: no dot, so the compiler does not pipeline it); None: no loop to check)
+#            iteration ahead (the GEMV: no dot, so the compiler does not pipeline it); "tiles": every load in a loop
+#            is one tile of kernels.FINISH_LOAD elements (the finish kernel); None: no loop to check)
 P = dict
 KERNELS = {
     "fused": (kernels._fused_linear_kernel, kernels._configs("fused"),
@@ -111,12 +113,13 @@ KERNELS = {
              {"dA": P(stride_pr=1, stride_qk=1, stride_wk=1)},
              (P(), P()),
              "prefetch"),
-    "finish": (kernels._finish_kernel,
-               [triton.Config(dict(BLOCK_R=64, BLOCK_K=64)), triton.Config(dict(BLOCK_R=16, BLOCK_K=128))],
+    "finish": (kernels._finish_kernel,  # the launcher's blocks at r_max 64 and 16 (BLOCK_S: compile_one)
+               [triton.Config(dict(zip(("BLOCK_R", "BLOCK_K"), kernels.finish_blocks(R, False)[:2])))
+                for R in (64, 16)],
                P(part_ptr="*fp32", rank_ptr="*i64", out_ptr="a"),
                {"dA": P(stride_wk=1, stride_ok=1), "dB": P(stride_wk=1, stride_or=1)},
                (P(ONE_SLOT=True), P(ONE_SLOT=False)),
-               None),
+               "tiles"),
 }
 
 
@@ -134,6 +137,8 @@ def compile_one(tuner, pointers, fixed, config, dtype, target=H100, options=None
     capacity = dict(BLOCK_R=kernels.seed_block_r(64) if "z_ptr" in fn.arg_names else kernels.block_r(64),
                     R_CAP=64, NUM_SMS=132, R_BLOCKS=kernels.cdiv(64, kernels.seed_block_r(64)), PRECISION="tf32")
     fixed = {**{k: v for k, v in capacity.items() if k in fn.arg_names}, **fixed, **kw}
+    if "BLOCK_S" in fn.arg_names:  # the finish kernel: splits per load as its launcher derives them
+        fixed.setdefault("BLOCK_S", kernels.finish_blocks(fixed["BLOCK_R"], fixed["ONE_SLOT"])[2])
     not_specialised = {fn.arg_names[i] for i, p in enumerate(fn.params) if p.do_not_specialize}
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -212,6 +217,11 @@ def pipeline_problems(loop: str, ttgir: str, ptx: str, flattened: bool = False) 
             return ["the main loop's operands are neither async copies nor prefetched"]
     if loop == "prefetch" and not any(prefetched(b) for b in loops):
         return ["the loop's loads are not issued one iteration ahead"]
+    if loop == "tiles":
+        shapes = [m for b in loops for m in re.findall(r"tt\.load .*: tensor<([\dx]+)x!tt\.ptr", b)]
+        sizes = [eval(shape.replace("x", "*")) for shape in shapes]
+        if not sizes or any(size != kernels.FINISH_LOAD for size in sizes):
+            return [f"the loop loads {shapes}, not tiles of {kernels.FINISH_LOAD} elements"]
     return []
 
 
@@ -383,7 +393,10 @@ def main() -> int:
         return 1 if failures else 0
     failures += check_precision()
     seen = set()
+    only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")), None)
     for name, layout, fixed in every_flag_combination():
+        if only and name not in only:
+            continue
         tuner, configs, pointers, _, _, _ = KERNELS[name]
         key = (name, layout, tuple(sorted(fixed.items(), key=lambda kv: kv[0])))
         if key in seen:
@@ -397,6 +410,8 @@ def main() -> int:
             print(f"{name:6} {layout:5} [{flags}]: FAIL: does not compile: {str(e)[-600:]}", flush=True)
     print(f"{len(seen)} flag combinations compiled", flush=True)
     for name, layout, dtype, fixed, config in jobs("--quick" in sys.argv):
+        if only and name not in only:
+            continue
         tuner, _, pointers, _, _, loop = KERNELS[name]
         compiled = compile_one(tuner, pointers, fixed, config, dtype)
         flags = ",".join(k for k, v in fixed.items() if v is True and k != "EPILOGUE_SUBTILE") or "-"

@@ -555,6 +555,37 @@ def test_split_gradients_are_deterministic_and_split():
             assert all(torch.equal(a, b) for a, b in zip(first, run(t, rank, frozen_prefix)))
 
 
+@pytest.mark.parametrize("R", [8, 40, 64])
+@pytest.mark.parametrize("one_slot", [False, True], ids=["full", "one-slot"])
+def test_finish_sums_blocks_of_splits(R, one_slot):
+    """The finish kernel against float64 with more splits than one load holds (BLOCK_S splits per tile: several
+    tiles, the last one partial), a K that is not a multiple of BLOCK_K, and the output strided as dB's transpose:
+    alpha·Σ_s part[s] in fixed order (two runs agree bit for bit); one-slot: row b-1 only, every other row exactly
+    0, all NaN for an out-of-range rank."""
+    k = backend().kernels
+    _, BLOCK_K, BLOCK_S = k.finish_blocks(R, one_slot)
+    S, K = 2 * BLOCK_S + 3, BLOCK_K + 5
+    g = torch.Generator().manual_seed(3)
+    part = torch.randn(S, K, generator=g) if one_slot else torch.randn(S, R, K, generator=g)
+    part = part.to(DEVICE)
+    n_parts = S - 1  # the last split is not summed
+    want = ALPHA * part[:n_parts].double().sum(0)
+    for b in ([1, R // 2, R] if one_slot else [R]):
+        rank = torch.tensor(b, device=DEVICE)
+        out = torch.full((K, R), float("nan"), device=DEVICE).t()  # (R, K) with unit stride along R, as dB.t()
+        k.finish(part, n_parts, rank, ALPHA, one_slot, out)
+        if one_slot:
+            assert rel_err(out[b - 1], want) <= 1e-6
+            assert (out[torch.arange(R, device=DEVICE) != b - 1] == 0).all()
+        else:
+            assert rel_err(out, want) <= 1e-6
+        again = torch.empty_like(out)
+        assert torch.equal(out, k.finish(part, n_parts, rank, ALPHA, one_slot, again))
+    if one_slot:
+        out = torch.zeros(R, K, device=DEVICE)
+        assert k.finish(part, n_parts, torch.tensor(R + 1, device=DEVICE), ALPHA, True, out).isnan().all()
+
+
 def test_variants_offer_only_what_can_run():
     T = backend()
     t = make(37, 40, 24, 8, torch.float16)
