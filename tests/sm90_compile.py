@@ -20,7 +20,13 @@ autotune keys excepted: never specialised). Checks, per compilation:
   (cp.async) or, for the TMA kernel, by TMA copies completing on mbarriers, with asynchronous wgmma that leaves
   one group in flight (`warp_group_dot_wait {pendings ≥ 1}`), and the PTX holds `cp.async.bulk.tensor` (TMA) and
   `wgmma.mma_async`; for the TMA kernel's FLATTEN configs that loop is the single flattened loop over tiles and
-  K blocks, the epilogue's TMA store inside it; for the GEMV, its loads are asynchronous copies.
+  K blocks, the epilogue's TMA store inside it; for the GEMV, its loads are asynchronous copies; for the finish
+  kernel, each loop iteration loads one tile of kernels.FINISH_LOAD elements (several splits at once);
+- the TMA kernel's exposed waits, printed per compilation: wgmma waits {pendings = 0} before the first TMA load
+  of a tile (the seed's) and TMA store waits {pendings = 0} between one tile's epilogue stores (two half-tile
+  stores sharing one buffer), for the configs that are not FLATTEN; a LOWRANK_LAST config must have none of the
+  first, an EPILOGUE_SUBTILE=False one none of the second; a CTAS_PER_SM = 2 config must fit two programs per SM
+  with 16-bit adapters (shared memory ≤ 113 KiB, registers × threads × 2 ≤ 64 K; fp32 adapters: reported).
 
 - index products that can reach 2^31 (WIDE_INDEX: a column-major base, W, x or g; the split partials) are 64-bit
   in the PTX: the stride is widened before it is multiplied, never an operand of 32-bit integer arithmetic;
@@ -223,6 +229,21 @@ def pipeline_problems(loop: str, ttgir: str, ptx: str, flattened: bool = False) 
         if not sizes or any(size != kernels.FINISH_LOAD for size in sizes):
             return [f"the loop loads {shapes}, not tiles of {kernels.FINISH_LOAD} elements"]
     return []
+
+
+def tma_waits(ttgir: str) -> tuple[int, int]:
+    """(wgmma waits {pendings = 0} before the first TMA load, TMA store waits {pendings = 0} between the first and
+    the last epilogue store) in the TTGIR of the TMA kernel: the exposed waits of one tile, as compiled."""
+    lines = ttgir.splitlines()
+    first_load = next(i for i, line in enumerate(lines) if "async_tma_copy_global_to_local" in line)
+    stores = [i for i, line in enumerate(lines) if "async_tma_copy_local_to_global" in line]
+    dot_waits = sum(bool(re.search(r"warp_group_dot_wait .*pendings = 0\b", line)) for line in lines[:first_load])
+    store_waits = sum(bool(re.search(r"async_tma_store_wait .*pendings = 0\b", line))
+                      for line in lines[stores[0]:stores[-1]])
+    return dot_waits, store_waits
+
+
+MAX_SHARED_2_PER_SM = 113 * 1024  # two blocks per SM: (228 KiB - 2 × 1 KiB reserved) / 2
 
 
 def jobs(quick: bool):
@@ -428,8 +449,26 @@ def main() -> int:
             problems.append(f"{spills} bytes of register spills")
         problems += pipeline_problems(loop, compiled.asm["ttgir"], compiled.asm["ptx"],
                                       flattened=config.kwargs.get("FLATTEN", False))
+        waits = ""
+        if loop == "tma":
+            kw = config.kwargs
+            if not kw["FLATTEN"]:  # (a flattened loop's prologue and epilogue copies make these counts meaningless)
+                dot_waits, store_waits = tma_waits(compiled.asm["ttgir"])
+                waits = (f"; {dot_waits} wgmma wait{{pendings = 0}} before the first TMA load, {store_waits} TMA "
+                         f"store wait{{pendings = 0}} within the epilogue")
+                if kw["LOWRANK_LAST"] and dot_waits:
+                    problems.append("LOWRANK_LAST: a wgmma wait precedes the K loop's first TMA loads")
+                if not kw["EPILOGUE_SUBTILE"] and store_waits:
+                    problems.append("one epilogue store per tile, yet a store wait within the epilogue")
+            if kw["CTAS_PER_SM"] > 1:
+                fits = (compiled.metadata.shared <= MAX_SHARED_2_PER_SM
+                        and regs * config.num_warps * 32 * kw["CTAS_PER_SM"] <= 65536)
+                waits += f", {kw['CTAS_PER_SM']} per SM: {'fit' if fits else 'do not fit'}"
+                if not fits and dtype == "bf16":  # fp32 adapters: it runs one per SM (the tuner times it as it runs)
+                    problems.append(f"{kw['CTAS_PER_SM']} programs per SM do not fit (shared memory or registers)")
         failures += bool(problems)
-        print(f"{head}, {regs} regs, spills {spills} B" + "".join(f"  FAIL: {p}" for p in problems), flush=True)
+        print(f"{head}, {regs} regs, spills {spills} B{waits}" + "".join(f"  FAIL: {p}" for p in problems),
+              flush=True)
     return 1 if failures else 0
 
 

@@ -66,11 +66,20 @@ def _configs(kernel: str) -> list[triton.Config]:
     if kernel == "tma":  # 16-bit only; 128x256 with 8 warps and 3-4 stages is the Hopper GEMM tile. FLATTEN (one
         # flattened persistent loop, the low-rank term after the K loop) spills registers at 128x256 (sm_90a): 128x128
         # and 64x128 only.
-        tma = lambda stages, warps, bm, bn, flat: _cfg(stages, warps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
-                                                       EPILOGUE_SUBTILE=True, FLATTEN=flat)
+        # Issue 20 candidates (built and checked offline, not yet measured; the tuner keeps them only where they win):
+        # "last" (LOWRANK_LAST): a seeded config's low-rank term after the K loop, its first slot block's loads issued
+        # before it; sub=False: one full-tile epilogue store per tile (no wait between two half-tile stores that
+        # share one buffer); ctas=2 (CTAS_PER_SM): a grid of 2 × SMs, for configs whose shared memory (≤ 113 KiB)
+        # and registers let two programs share an SM (tests/sm90_compile.py checks both).
+        tma = lambda stages, warps, bm, bn, flat, last=False, sub=True, ctas=1: _cfg(
+            stages, warps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=sub, FLATTEN=flat,
+            LOWRANK_LAST=last, CTAS_PER_SM=ctas)
         configs = [tma(3, 4, 64, 64, False), tma(3, 8, 128, 256, False), tma(4, 8, 128, 256, False),
                    tma(4, 8, 128, 128, False), tma(4, 4, 64, 128, False), tma(4, 8, 128, 128, True),
-                   tma(4, 8, 64, 128, True)]
+                   tma(4, 8, 64, 128, True),
+                   tma(3, 8, 128, 256, False, last=True), tma(4, 8, 128, 128, False, last=True),
+                   tma(4, 8, 128, 128, False, last=True, sub=False), tma(4, 4, 64, 128, False, ctas=2),
+                   tma(4, 4, 64, 128, False, last=True, ctas=2)]
     elif kernel == "fused":
         configs = [_cfg(2, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
                    _cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -172,7 +181,7 @@ def autotune_bench(fn, quantiles):
     """How the autotuners time one config: 5 ms of warm-up and 20 ms of repetitions (triton's default: 25 + 100
     ms). A new shape's first forward + backward at M = 8192 autotunes 14–20 configs here (after _prune: shrink 3,
     pointer GEMM 3 in the forward and again for dx, gradients 2–6), since the dispatcher runs every candidate:
-    0.35–0.5 s instead of 1.75–2.5 s, plus the TMA kernel's 6 + 6 configs, timed by hopper.py's tuner at ~12 ms
+    0.35–0.5 s instead of 1.75–2.5 s, plus the TMA kernel's 11 + 11 configs, timed by hopper.py's tuner at ~12 ms
     each. 20 ms is still ~57 runs of the largest benchmarked GEMM (8192×4096×4096 bf16, ~0.35 ms on an H200).
     Compilation is extra (and cached on disk)."""
     return triton.testing.do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
