@@ -163,6 +163,7 @@ struct Binary {
   std::vector<std::string> type_names;  // as triton writes them (recorded, for tests)
   std::vector<DescMeta> descs;   // per descriptor parameter
   int64_t block_m = 0, block_n = 0, block_k = 0, out_block_m = 0;
+  int64_t ctas_per_sm = 1;       // the TMA kernel's persistent programs per SM (its config's CTAS_PER_SM)
   std::vector<py::object> tail;  // constexpr values (recorded, for tests)
   py::object kernel;             // the compiled kernel: owns the module that holds the function
   bool attribute_set = false;
@@ -410,6 +411,7 @@ std::unique_ptr<Binary> parse_binary(py::handle d, Step step) {
   py::dict meta = d["meta"];
   auto get = [&](const char* k) { return meta.contains(k) ? meta[k].cast<int64_t>() : 0; };
   b->block_m = get("BLOCK_M"), b->block_n = get("BLOCK_N"), b->block_k = get("BLOCK_K");
+  b->ctas_per_sm = std::max<int64_t>(1, get("CTAS_PER_SM"));
   if (n_desc == 3) b->out_block_m = blocks[2].cast<std::vector<int64_t>>().at(0);  // the grid's tile rows
   for (auto v : d["tail"]) b->tail.push_back(py::reinterpret_borrow<py::object>(v));
   if (d.contains("kernel")) b->kernel = d["kernel"];
@@ -677,15 +679,19 @@ void decode_linear(Calls& c, const at::Tensor& x, const at::Tensor* w, const at:
   c.add([&](const Binary& b) { return grid3(cdiv(N, b.block_n)); });
 }
 
-// kernels.finish: out (R, K) = alpha·Σ_{s < n_parts} part[s] (or into row b-1 with one_slot).
+constexpr int64_t kFinishLoad = 8192;  // kernels.FINISH_LOAD
+
+// kernels.finish: out (R, K) = alpha·Σ_{s < n_parts} part[s] (or into row b-1 with one_slot); blocks as
+// kernels.finish_blocks.
 void finish(Calls& c, const at::Tensor& part, int64_t n_parts, const at::Tensor& rank, double alpha, bool one_slot,
             const at::Tensor& out) {
-  int64_t R = out.size(0), K = out.size(1), BLOCK_R = block_r(R), BLOCK_K = BLOCK_R < 64 ? 128 : 64;
+  int64_t R = out.size(0), K = out.size(1), BLOCK_R = block_r(R), BLOCK_K = std::max<int64_t>(32, 2048 / BLOCK_R);
+  int64_t BLOCK_S = kFinishLoad / (one_slot ? BLOCK_K : BLOCK_R * BLOCK_K);
   Launch& l = c.begin(kFinish);
   l << tensor(part) << tensor(rank) << tensor(out) << integer(K) << integer(R) << integer(n_parts) << real(alpha)
     << integer(part.stride(0)) << integer(part.dim() == 3 ? part.stride(1) : 0) << integer(part.stride(-1));
   l.strides(out);
-  l.flag("ONE_SLOT", one_slot).value("BLOCK_R", BLOCK_R).value("BLOCK_K", BLOCK_K);
+  l.flag("ONE_SLOT", one_slot).value("BLOCK_R", BLOCK_R).value("BLOCK_K", BLOCK_K).value("BLOCK_S", BLOCK_S);
   c.add([&](const Binary&) { return grid3(cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)); });
 }
 
@@ -720,7 +726,8 @@ void grad_of(Calls& c, bool gemv, const at::Tensor& p, const at::Tensor& q, cons
   c.keep(std::move(part));
 }
 
-// hopper.fused_linear / _run: the persistent TMA kernel (w as stored: (N, K), or (K, N) with w_kn).
+// hopper.fused_linear / _run: the persistent TMA kernel (w as stored: (N, K), or (K, N) with w_kn); grid: one
+// program per tile, at most SMs × the config's CTAS_PER_SM.
 void tma_linear(Calls& c, const at::Tensor& x, const at::Tensor& w, bool w_kn, const at::Tensor* bias,
                 const at::Tensor* base, const at::Tensor& u, const at::Tensor& z, const at::Tensor& rank,
                 double alpha, const at::Tensor& out) {
@@ -735,7 +742,9 @@ void tma_linear(Calls& c, const at::Tensor& x, const at::Tensor& w, bool w_kn, c
   l.flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", BLOCK_R).value("NUM_SMS", sms);
   l.value("R_BLOCKS", cdiv(R, BLOCK_R)).text("PRECISION", c.plan.precision);
   l.extra = {bucket(M), bucket(N), bucket(K)};  // with the dtypes and flags: hopper's config key
-  c.add([&](const Binary& b) { return grid3(std::min(sms, cdiv(M, b.out_block_m) * cdiv(N, b.block_n))); });
+  c.add([&](const Binary& b) {
+    return grid3(std::min(sms * b.ctas_per_sm, cdiv(M, b.out_block_m) * cdiv(N, b.block_n)));
+  });
 }
 
 // hopper.applies(x, weight, out_cols) for an sm_90 plan: TMA-addressable operands of one 16-bit dtype.

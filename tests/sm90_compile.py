@@ -1,6 +1,6 @@
 """Compile every Triton kernel for an H100 (sm_90a) without a GPU, with the ptxas that triton bundles.
 
-    python tests/sm90_compile.py [--quick | --index-width | --precision | --arch [--quick]]
+    python tests/sm90_compile.py [--quick | --index-width | --precision | --arch [--quick]] [--only=KERNEL,...]
     (TRITON_INTERPRET must be unset: it replaces the compiler)
 
 The interpreter runs the kernels' arithmetic but not the compiler, so it misses what only compilation finds:
@@ -20,14 +20,21 @@ autotune keys excepted: never specialised). Checks, per compilation:
   (cp.async) or, for the TMA kernel, by TMA copies completing on mbarriers, with asynchronous wgmma that leaves
   one group in flight (`warp_group_dot_wait {pendings ≥ 1}`), and the PTX holds `cp.async.bulk.tensor` (TMA) and
   `wgmma.mma_async`; for the TMA kernel's FLATTEN configs that loop is the single flattened loop over tiles and
-  K blocks, the epilogue's TMA store inside it; for the GEMV, its loads are asynchronous copies.
+  K blocks, the epilogue's TMA store inside it; for the GEMV, its loads are asynchronous copies; for the finish
+  kernel, each loop iteration loads one tile of kernels.FINISH_LOAD elements (several splits at once);
+- the TMA kernel's exposed waits, printed per compilation: wgmma waits {pendings = 0} before the first TMA load
+  of a tile (the seed's) and TMA store waits {pendings = 0} between one tile's epilogue stores (two half-tile
+  stores sharing one buffer), for the configs that are not FLATTEN; a LOWRANK_LAST config must have none of the
+  first, an EPILOGUE_SUBTILE=False one none of the second; a CTAS_PER_SM = 2 config must fit two programs per SM
+  with 16-bit adapters (shared memory ≤ 113 KiB, registers × threads × 2 ≤ 64 K; fp32 adapters: reported).
 
 - index products that can reach 2^31 (WIDE_INDEX: a column-major base, W, x or g; the split partials) are 64-bit
   in the PTX: the stride is widened before it is multiplied, never an operand of 32-bit integer arithmetic;
 - fp32 dots follow PRECISION: no tf32 tensor-core instruction under "ieee", tf32 under "tf32".
 
 Prints one line per compilation; exit status 1 if a check fails, 77 if this triton cannot compile offline.
---quick: only each kernel's first large config in bf16 with the heaviest flags. --index-width / --precision: only
+--quick: only each kernel's first large config in bf16 with the heaviest flags. --only=tma,finish: only those
+kernels (after the index-width and precision checks). --index-width / --precision: only
 that check. --arch [--quick]: the pointer kernels for sm_80, sm_86 and sm_89 (every config, dtype, layout; fp32
 dots in both precisions), their shared memory against 99 / 163 / 227 KiB and the pruning rule
 (kernels.shared_memory) checked against it; --quick: sm_86, fp32 and fp32 adapters, "ieee", one layout.
@@ -68,7 +75,8 @@ DTYPES = {"bf16": ("bf16", "bf16"), "fp32": ("fp32", "fp32"), "bf16+fp32 adapter
 #            "tma": TMA loads on mbarriers feeding wgmma left in flight; "async": both dot operands by cp.async;
 #            "async+prefetch": the streamed operand by cp.async, every other load issued one iteration ahead
 #            (the shrink's Y, whose slot mask lies along its contiguous dimension for v); "prefetch": every load one
-#            iteration ahead (the GEMV: no dot, so the compiler does not pipeline it); None: no loop to check)
+#            iteration ahead (the GEMV: no dot, so the compiler does not pipeline it); "tiles": every load in a loop
+#            is one tile of kernels.FINISH_LOAD elements (the finish kernel); None: no loop to check)
 P = dict
 KERNELS = {
     "fused": (kernels._fused_linear_kernel, kernels._configs("fused"),
@@ -111,12 +119,13 @@ KERNELS = {
              {"dA": P(stride_pr=1, stride_qk=1, stride_wk=1)},
              (P(), P()),
              "prefetch"),
-    "finish": (kernels._finish_kernel,
-               [triton.Config(dict(BLOCK_R=64, BLOCK_K=64)), triton.Config(dict(BLOCK_R=16, BLOCK_K=128))],
+    "finish": (kernels._finish_kernel,  # the launcher's blocks at r_max 64 and 16 (BLOCK_S: compile_one)
+               [triton.Config(dict(zip(("BLOCK_R", "BLOCK_K"), kernels.finish_blocks(R, False)[:2])))
+                for R in (64, 16)],
                P(part_ptr="*fp32", rank_ptr="*i64", out_ptr="a"),
                {"dA": P(stride_wk=1, stride_ok=1), "dB": P(stride_wk=1, stride_or=1)},
                (P(ONE_SLOT=True), P(ONE_SLOT=False)),
-               None),
+               "tiles"),
 }
 
 
@@ -134,6 +143,8 @@ def compile_one(tuner, pointers, fixed, config, dtype, target=H100, options=None
     capacity = dict(BLOCK_R=kernels.seed_block_r(64) if "z_ptr" in fn.arg_names else kernels.block_r(64),
                     R_CAP=64, NUM_SMS=132, R_BLOCKS=kernels.cdiv(64, kernels.seed_block_r(64)), PRECISION="tf32")
     fixed = {**{k: v for k, v in capacity.items() if k in fn.arg_names}, **fixed, **kw}
+    if "BLOCK_S" in fn.arg_names:  # the finish kernel: splits per load as its launcher derives them
+        fixed.setdefault("BLOCK_S", kernels.finish_blocks(fixed["BLOCK_R"], fixed["ONE_SLOT"])[2])
     not_specialised = {fn.arg_names[i] for i, p in enumerate(fn.params) if p.do_not_specialize}
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -212,7 +223,27 @@ def pipeline_problems(loop: str, ttgir: str, ptx: str, flattened: bool = False) 
             return ["the main loop's operands are neither async copies nor prefetched"]
     if loop == "prefetch" and not any(prefetched(b) for b in loops):
         return ["the loop's loads are not issued one iteration ahead"]
+    if loop == "tiles":
+        shapes = [m for b in loops for m in re.findall(r"tt\.load .*: tensor<([\dx]+)x!tt\.ptr", b)]
+        sizes = [eval(shape.replace("x", "*")) for shape in shapes]
+        if not sizes or any(size != kernels.FINISH_LOAD for size in sizes):
+            return [f"the loop loads {shapes}, not tiles of {kernels.FINISH_LOAD} elements"]
     return []
+
+
+def tma_waits(ttgir: str) -> tuple[int, int]:
+    """(wgmma waits {pendings = 0} before the first TMA load, TMA store waits {pendings = 0} between the first and
+    the last epilogue store) in the TTGIR of the TMA kernel: the exposed waits of one tile, as compiled."""
+    lines = ttgir.splitlines()
+    first_load = next(i for i, line in enumerate(lines) if "async_tma_copy_global_to_local" in line)
+    stores = [i for i, line in enumerate(lines) if "async_tma_copy_local_to_global" in line]
+    dot_waits = sum(bool(re.search(r"warp_group_dot_wait .*pendings = 0\b", line)) for line in lines[:first_load])
+    store_waits = sum(bool(re.search(r"async_tma_store_wait .*pendings = 0\b", line))
+                      for line in lines[stores[0]:stores[-1]])
+    return dot_waits, store_waits
+
+
+MAX_SHARED_2_PER_SM = 113 * 1024  # two blocks per SM: (228 KiB - 2 × 1 KiB reserved) / 2
 
 
 def jobs(quick: bool):
@@ -383,7 +414,10 @@ def main() -> int:
         return 1 if failures else 0
     failures += check_precision()
     seen = set()
+    only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")), None)
     for name, layout, fixed in every_flag_combination():
+        if only and name not in only:
+            continue
         tuner, configs, pointers, _, _, _ = KERNELS[name]
         key = (name, layout, tuple(sorted(fixed.items(), key=lambda kv: kv[0])))
         if key in seen:
@@ -397,6 +431,8 @@ def main() -> int:
             print(f"{name:6} {layout:5} [{flags}]: FAIL: does not compile: {str(e)[-600:]}", flush=True)
     print(f"{len(seen)} flag combinations compiled", flush=True)
     for name, layout, dtype, fixed, config in jobs("--quick" in sys.argv):
+        if only and name not in only:
+            continue
         tuner, _, pointers, _, _, loop = KERNELS[name]
         compiled = compile_one(tuner, pointers, fixed, config, dtype)
         flags = ",".join(k for k, v in fixed.items() if v is True and k != "EPILOGUE_SUBTILE") or "-"
@@ -413,8 +449,26 @@ def main() -> int:
             problems.append(f"{spills} bytes of register spills")
         problems += pipeline_problems(loop, compiled.asm["ttgir"], compiled.asm["ptx"],
                                       flattened=config.kwargs.get("FLATTEN", False))
+        waits = ""
+        if loop == "tma":
+            kw = config.kwargs
+            if not kw["FLATTEN"]:  # (a flattened loop's prologue and epilogue copies make these counts meaningless)
+                dot_waits, store_waits = tma_waits(compiled.asm["ttgir"])
+                waits = (f"; {dot_waits} wgmma wait{{pendings = 0}} before the first TMA load, {store_waits} TMA "
+                         f"store wait{{pendings = 0}} within the epilogue")
+                if kw["LOWRANK_LAST"] and dot_waits:
+                    problems.append("LOWRANK_LAST: a wgmma wait precedes the K loop's first TMA loads")
+                if not kw["EPILOGUE_SUBTILE"] and store_waits:
+                    problems.append("one epilogue store per tile, yet a store wait within the epilogue")
+            if kw["CTAS_PER_SM"] > 1:
+                fits = (compiled.metadata.shared <= MAX_SHARED_2_PER_SM
+                        and regs * config.num_warps * 32 * kw["CTAS_PER_SM"] <= 65536)
+                waits += f", {kw['CTAS_PER_SM']} per SM: {'fit' if fits else 'do not fit'}"
+                if not fits and dtype == "bf16":  # fp32 adapters: it runs one per SM (the tuner times it as it runs)
+                    problems.append(f"{kw['CTAS_PER_SM']} programs per SM do not fit (shared memory or registers)")
         failures += bool(problems)
-        print(f"{head}, {regs} regs, spills {spills} B" + "".join(f"  FAIL: {p}" for p in problems), flush=True)
+        print(f"{head}, {regs} regs, spills {spills} B{waits}" + "".join(f"  FAIL: {p}" for p in problems),
+              flush=True)
     return 1 if failures else 0
 
 

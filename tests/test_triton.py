@@ -161,7 +161,8 @@ def test_tma_configs_are_chosen_by_measurement(monkeypatch, tmp_path):
     T = backend()
     H = T.hopper
     cfg = lambda bm, bn, bk, flat: triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2,
-                                                      EPILOGUE_SUBTILE=True, FLATTEN=flat), num_warps=4, num_stages=2)
+                                                      EPILOGUE_SUBTILE=True, FLATTEN=flat, LOWRANK_LAST=False,
+                                                      CTAS_PER_SM=1), num_warps=4, num_stages=2)
     configs = [cfg(16, 32, 16, False), cfg(32, 32, 32, True), cfg(64, 64, 64, False)]
     names = [H._config_name(c) for c in configs]
     timed, capturing = [], [False]
@@ -196,18 +197,28 @@ def test_tma_configs_are_chosen_by_measurement(monkeypatch, tmp_path):
     assert len(timed) == 6, "a remembered key is not timed again"
 
 
+# The TMA kernel's config variants beside the seeded one (each also compiled for sm_90a by tests/sm90_compile.py).
+TMA_VARIANTS = {"flatten": dict(FLATTEN=True), "lowrank-last": dict(LOWRANK_LAST=True),
+                "lowrank-last-one-store": dict(LOWRANK_LAST=True, EPILOGUE_SUBTILE=False),
+                "2-per-sm": dict(CTAS_PER_SM=2), "2-per-sm-lowrank-last": dict(CTAS_PER_SM=2, LOWRANK_LAST=True)}
+
+
 @pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
 @pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=["fp16-adapters", "fp32-adapters"])
-def test_flattened_tma_kernel(frozen_prefix, adapter_dtype, monkeypatch):
-    """A FLATTEN config (one flattened persistent loop, the low-rank term after the K loop with its slot blocks
-    unrolled) against float64: several tiles per program, r_max over two slot blocks, ranks at and across the block
-    edge, per-row ranks, bias and base, and NaN in the unused slots of A and B never reaching an output. fp16
+@pytest.mark.parametrize("variant", list(TMA_VARIANTS))
+def test_tma_kernel_variants(variant, frozen_prefix, adapter_dtype, monkeypatch):
+    """Each config variant of the TMA kernel against float64: FLATTEN (one flattened persistent loop, the low-rank
+    term after the K loop with its slot blocks unrolled), LOWRANK_LAST (a per-tile K loop, the term after it from
+    the first slot block loaded before it), one epilogue store per tile, two programs per SM (a grid of 2 × SMs:
+    dx's 9 tiles over 8 programs). Several tiles per program, r_max over two slot blocks, ranks at and across the
+    block edge, per-row ranks, bias and base, and NaN in the unused slots of A and B never reaching an output. fp16
     adapters sum the term apart (overflow), others accumulate it into the GEMM's accumulator: both paths."""
     import triton
     H = backend().hopper
     first = H.CONFIGS[0]
-    flat = triton.Config({**first.kwargs, "FLATTEN": True}, num_warps=first.num_warps, num_stages=first.num_stages)
+    flat = triton.Config({**first.kwargs, **TMA_VARIANTS[variant]}, num_warps=first.num_warps,
+                         num_stages=first.num_stages)
     monkeypatch.setattr(H, "CONFIGS", [flat])
     monkeypatch.setattr(H, "_CHOSEN", {})
     M, K, N, R = 150, 136, 72, 40  # R = 40: two slot blocks of 32 (R_BLOCKS = 2)
@@ -553,6 +564,37 @@ def test_split_gradients_are_deterministic_and_split():
             first = run(t, rank, frozen_prefix)
             check(first, t, rank, frozen_prefix)
             assert all(torch.equal(a, b) for a, b in zip(first, run(t, rank, frozen_prefix)))
+
+
+@pytest.mark.parametrize("R", [8, 40, 64])
+@pytest.mark.parametrize("one_slot", [False, True], ids=["full", "one-slot"])
+def test_finish_sums_blocks_of_splits(R, one_slot):
+    """The finish kernel against float64 with more splits than one load holds (BLOCK_S splits per tile: several
+    tiles, the last one partial), a K that is not a multiple of BLOCK_K, and the output strided as dB's transpose:
+    alpha·Σ_s part[s] in fixed order (two runs agree bit for bit); one-slot: row b-1 only, every other row exactly
+    0, all NaN for an out-of-range rank."""
+    k = backend().kernels
+    _, BLOCK_K, BLOCK_S = k.finish_blocks(R, one_slot)
+    S, K = 2 * BLOCK_S + 3, BLOCK_K + 5
+    g = torch.Generator().manual_seed(3)
+    part = torch.randn(S, K, generator=g) if one_slot else torch.randn(S, R, K, generator=g)
+    part = part.to(DEVICE)
+    n_parts = S - 1  # the last split is not summed
+    want = ALPHA * part[:n_parts].double().sum(0)
+    for b in ([1, R // 2, R] if one_slot else [R]):
+        rank = torch.tensor(b, device=DEVICE)
+        out = torch.full((K, R), float("nan"), device=DEVICE).t()  # (R, K) with unit stride along R, as dB.t()
+        k.finish(part, n_parts, rank, ALPHA, one_slot, out)
+        if one_slot:
+            assert rel_err(out[b - 1], want) <= 1e-6
+            assert (out[torch.arange(R, device=DEVICE) != b - 1] == 0).all()
+        else:
+            assert rel_err(out, want) <= 1e-6
+        again = torch.empty_like(out)
+        assert torch.equal(out, k.finish(part, n_parts, rank, ALPHA, one_slot, again))
+    if one_slot:
+        out = torch.zeros(R, K, device=DEVICE)
+        assert k.finish(part, n_parts, torch.tensor(R + 1, device=DEVICE), ALPHA, True, out).isnan().all()
 
 
 def test_variants_offer_only_what_can_run():

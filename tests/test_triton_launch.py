@@ -1,7 +1,8 @@
 """The C++ Triton launcher (csrc/triton_launch.cpp) without a GPU.
 
 - Host logic: for every variant and flag combination of the forward and the backward (weight, bias, base
-  present or not, shared or per-row ranks, frozen or full, compute_dx / compute_lora, need_u) and odd shapes,
+  present or not, shared or per-row ranks, frozen or full, compute_dx / compute_lora, need_u), odd shapes and a
+  TMA config with two programs per SM,
   the C++ launcher's launches (kernel, grid, every argument, constexprs, packed parameters) and allocations
   equal the Python path's, both with the GPU launches stubbed (bench/cplan_harness.py, in a subprocess
   without TRITON_INTERPRET, like tests/test_host_path.py).
@@ -76,6 +77,17 @@ with stubbed_gpu_launches(record=True) as log:
                   u=rnd(M, R, dtype=torch.float32), rank=torch.tensor(4), alpha=2.0, frozen_prefix=False,
                   compute_dx=True, compute_lora=True)
     results["backward pointer M=300 R=9"] = compare(log, "backward", "pointer", inputs)
+    # A TMA config with two programs per SM: 6 tiles of 16 x 16, grid min(2 x SMs, tiles), in C++ as in Python
+    import triton
+    from dylora_kernels.triton import hopper
+    small = hopper.CONFIGS[0]
+    hopper.CONFIGS = [triton.Config({**small.kwargs, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "CTAS_PER_SM": 2},
+                                    num_warps=small.num_warps, num_stages=small.num_stages)]
+    hopper._CHOSEN.clear()
+    M, K, N, R = 37, 40, 24, 6
+    inputs = dict(x=rnd(M, K), weight=rnd(N, K), bias=None, base=None, lora_A=rnd(R, K), lora_B=rnd(N, R),
+                  rank=torch.tensor(3), alpha=1.5, need_u=True)
+    results["forward tma 2 per SM"] = compare(log, "forward", "tma", inputs)
 print(json.dumps(results))
 """
 
@@ -87,7 +99,7 @@ def host_results():
 
 def test_cpp_forward_launches_equal_python(host_results):
     cases = {k: v for k, v in host_results.items() if k.startswith("forward")}
-    assert len(cases) == 96
+    assert len(cases) == 97
     bad = {k: v for k, v in cases.items() if v}
     assert not bad, json.dumps(bad, indent=1)[:6000]
 

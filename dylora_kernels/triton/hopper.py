@@ -5,11 +5,13 @@
           backward dx (X = g, Y = W (N, K) read as (K_out, N_contr), U = v, Z = Aᵀ)
 
 The same computation as ``kernels._fused_linear_kernel`` (and built from the same helpers); only the GEMM's data
-movement differs. One program per SM walks the output tiles (grouped order, for L2 reuse). Per tile, the fp32
-accumulator starts as the low-rank term (U and Z through masked pointer loads, never past the tile's largest
-rank), then the K loop streams X and Y tiles through TMA descriptors into shared memory, software-pipelined over
-num_stages buffers (wgmma on Hopper), and the epilogue adds bias and base and stores the tile through a TMA
-descriptor in two halves (EPILOGUE_SUBTILE), so the store buffer takes half a tile of shared memory.
+movement differs. One program per SM (or two: CTAS_PER_SM) walks the output tiles (grouped order, for L2 reuse).
+Per tile, the fp32 accumulator starts as the low-rank term (U and Z through masked pointer loads, never past the
+tile's largest rank; FLATTEN and LOWRANK_LAST configs add it after the K loop instead), then the K loop streams X
+and Y tiles through TMA descriptors into shared memory, software-pipelined over num_stages buffers (wgmma on
+Hopper), and the epilogue adds bias and base and stores the tile through a TMA descriptor, in two halves with
+EPILOGUE_SUBTILE (the store buffer takes half a tile of shared memory; the second half waits until the TMA engine
+has read the first out of it).
 
 Descriptors are built on the host (``TensorDescriptor``) with the block shapes of the config that runs. TMA needs
 16-byte aligned base pointers and row strides, unit last strides and 16-bit dtypes here: ``applies`` says when
@@ -34,8 +36,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backends import tma_ready
 from ..dispatch import Dispatcher, default_cache_dir
-from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_into, _lowrank_seed, _prune, _row_ranks, _strides,
-                      _tile_coords, bucket, cdiv, num_sms, seed_block_r)
+from .kernels import (_INTERPRET, _configs, _epilogue, _lowrank_into, _lowrank_seed, _lowrank_slots, _prune,
+                      _row_ranks, _scale_slots, _strides, _tile_coords, bucket, cdiv, num_sms, seed_block_r)
 from .launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -53,7 +55,7 @@ def _fused_linear_tma_kernel(
         Y_KN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
         BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
-        R_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+        LOWRANK_LAST: tl.constexpr, CTAS_PER_SM: tl.constexpr, R_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + X·Yᵀ + [bias] + [base], persistent over output tiles.
 
     X (M, K) and Y ((N, K), or (K, N) with Y_KN) through TMA descriptors; U (M, R) fp32, Z (N, R), bias, base
@@ -63,11 +65,18 @@ def _fused_linear_tma_kernel(
     loads are issued while this tile's epilogue runs; the low-rank term is then added after the K loop, its
     R_BLOCKS slot blocks unrolled (a seed before the K loop left the flattened loop unpipelined, and a loop
     inside it stops the flattening: triton 3.6, sm_90a, checked by tests/sm90_compile.py). Otherwise one K loop
-    per tile, seeded with the low-rank term. Which is faster is measured per shape (hopper's config tuner).
+    per tile, seeded with the low-rank term, or with LOWRANK_LAST, the term added after the K loop from U and Z
+    tiles of the first slot block loaded before it (their loads in flight with the K loop's first TMA loads; the
+    seed's dot must complete before those are issued). Which is faster is measured per shape (hopper's config
+    tuner).
+
+    CTAS_PER_SM: persistent programs per SM (the grid is min(NUM_SMS·CTAS_PER_SM, tiles)); 2 lets a second
+    program's K loop fill the bubbles of the first's tile changes, where shared memory (≤ 113 KiB) and registers
+    allow two per SM.
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS * CTAS_PER_SM, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -75,6 +84,14 @@ def _fused_linear_tma_kernel(
         b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
         if FLATTEN:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        elif LOWRANK_LAST:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            r_end = tl.max(b, axis=0)
+            offs_r = tl.arange(0, BLOCK_R)
+            u0 = tl.load(u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                         mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_end), other=0.0)
+            z0 = tl.load(z_ptr + offs_r[:, None] * stride_zr + offs_n[None, :].to(tl.int64) * stride_zn,
+                         mask=(offs_r[:, None] < r_end) & (offs_n[None, :] < N), other=0.0)
         else:
             acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
                                 stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
@@ -87,6 +104,9 @@ def _fused_linear_tma_kernel(
         if FLATTEN:
             acc = _lowrank_into(acc, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn,
                                 stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, R_BLOCKS, PRECISION)
+        elif LOWRANK_LAST:
+            acc = _lowrank_last(acc, u0, z0, offs_r, r_end, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um,
+                                stride_ur, stride_zn, stride_zr, BLOCK_M, BLOCK_N, BLOCK_R, R_BLOCKS, PRECISION)
 
         if EPILOGUE_SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) stores: half the shared-memory store buffer
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
@@ -97,6 +117,27 @@ def _fused_linear_tma_kernel(
         else:
             _store_tile(out_desc, acc, m0, n0, offs_m, bad, M, N, bias_ptr, base_ptr, stride_bias, stride_basem,
                         stride_basen, HAS_BIAS, HAS_BASE, BLOCK_N)
+
+
+@triton.jit
+def _lowrank_last(acc, u0, z0, offs_r, r_end, u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur,
+                  stride_zn, stride_zr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                  R_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + the low-rank term, as ``kernels._lowrank_into`` adds it (the same scaling rule: alpha on the fp32
+    operand, or the term summed apart for fp16 Z), with the first slot block's U and Z already loaded (u0, z0:
+    masked at the tile's largest rank r_end) and the other R_BLOCKS - 1 blocks loaded here."""
+    apart: tl.constexpr = z_ptr.dtype.element_ty == tl.float16
+    if apart:
+        term, scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0
+    else:
+        term, scale = acc, alpha
+    term = tl.dot((_scale_slots(u0, offs_r, b, False) * scale).to(z0.dtype), z0, term, input_precision=PRECISION)
+    for i in tl.static_range(1, R_BLOCKS):
+        term = _lowrank_slots(u_ptr, z_ptr, offs_m, offs_n, b, r_end, i * BLOCK_R, M, N, stride_um, stride_ur,
+                              stride_zn, stride_zr, BLOCK_R, term, scale, PRECISION)
+    if apart:
+        return acc + term * alpha
+    return term
 
 
 @triton.jit
@@ -155,7 +196,8 @@ def applies_dx(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 def _config_name(c: triton.Config) -> str:
     k = c.kwargs
     return (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} g{k['GROUP_M']} sub{int(k['EPILOGUE_SUBTILE'])} "
-            f"w{c.num_warps} s{c.num_stages}" + (" flat" if k["FLATTEN"] else ""))
+            f"w{c.num_warps} s{c.num_stages}" + (" flat" if k["FLATTEN"] else "")
+            + (" last" if k["LOWRANK_LAST"] else "") + (f" x{k['CTAS_PER_SM']}" if k["CTAS_PER_SM"] > 1 else ""))
 
 
 def fused_linear(x, w, w_kn, bias, base, u, z, rank, alpha, out, tuned=True, precision=None) -> torch.Tensor:
@@ -210,7 +252,8 @@ def _run(config, x, w, bias, base, u, z, rank, alpha, out, flags) -> torch.Tenso
     descs = (TensorDescriptor(x, [M, K], list(x.stride()), x_block),
              TensorDescriptor(w, list(w.shape), list(w.stride()), w_block),
              TensorDescriptor(out, [M, N], list(out.stride()), out_block))
-    grid = (min(flags["NUM_SMS"], cdiv(M, out_block[0]) * cdiv(N, config.kwargs["BLOCK_N"])),)
+    programs = flags["NUM_SMS"] * config.kwargs["CTAS_PER_SM"]
+    grid = (min(programs, cdiv(M, out_block[0]) * cdiv(N, config.kwargs["BLOCK_N"])),)
     _LAUNCH(grid, (*descs, u, z, bias, base, rank, M, N, K, R, float(alpha),
                    *u.stride(), *z.stride(), *_strides(bias, 1), *_strides(base)),
             {**flags, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages})

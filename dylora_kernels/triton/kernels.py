@@ -18,7 +18,8 @@ once and launched with different operands, strides and output views. With s_m = 
     _frozen_gemv_kernel   split-M partials part[s, k] = Σ_{m in split s} (P[m, b-1]/b)·Q[m, k]: frozen prefix with one
                           rank, dA row b-1 (P = v, Q = x), one streaming read of x
     _finish_kernel        out = alpha·Σ_s part[s] in a fixed order (the gradients are deterministic), in the adapter
-                          dtype; ONE_SLOT: the sum goes to row b-1 and every other row is exactly 0
+                          dtype, BLOCK_S splits per load; ONE_SLOT: the sum goes to row b-1, every other row is
+                          exactly 0
 
 trained(m, j) = [j < b_m] (full mode) or [j == b_m - 1] (frozen prefix).
 
@@ -65,11 +66,20 @@ def _configs(kernel: str) -> list[triton.Config]:
     if kernel == "tma":  # 16-bit only; 128x256 with 8 warps and 3-4 stages is the Hopper GEMM tile. FLATTEN (one
         # flattened persistent loop, the low-rank term after the K loop) spills registers at 128x256 (sm_90a): 128x128
         # and 64x128 only.
-        tma = lambda stages, warps, bm, bn, flat: _cfg(stages, warps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8,
-                                                       EPILOGUE_SUBTILE=True, FLATTEN=flat)
+        # Issue 20 candidates (built and checked offline, not yet measured; the tuner keeps them only where they win):
+        # "last" (LOWRANK_LAST): a seeded config's low-rank term after the K loop, its first slot block's loads issued
+        # before it; sub=False: one full-tile epilogue store per tile (no wait between two half-tile stores that
+        # share one buffer); ctas=2 (CTAS_PER_SM): a grid of 2 × SMs, for configs whose shared memory (≤ 113 KiB)
+        # and registers let two programs share an SM (tests/sm90_compile.py checks both).
+        tma = lambda stages, warps, bm, bn, flat, last=False, sub=True, ctas=1: _cfg(
+            stages, warps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=sub, FLATTEN=flat,
+            LOWRANK_LAST=last, CTAS_PER_SM=ctas)
         configs = [tma(3, 4, 64, 64, False), tma(3, 8, 128, 256, False), tma(4, 8, 128, 256, False),
                    tma(4, 8, 128, 128, False), tma(4, 4, 64, 128, False), tma(4, 8, 128, 128, True),
-                   tma(4, 8, 64, 128, True)]
+                   tma(4, 8, 64, 128, True),
+                   tma(3, 8, 128, 256, False, last=True), tma(4, 8, 128, 128, False, last=True),
+                   tma(4, 8, 128, 128, False, last=True, sub=False), tma(4, 4, 64, 128, False, ctas=2),
+                   tma(4, 4, 64, 128, False, last=True, ctas=2)]
     elif kernel == "fused":
         configs = [_cfg(2, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
                    _cfg(3, 8, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -171,7 +181,7 @@ def autotune_bench(fn, quantiles):
     """How the autotuners time one config: 5 ms of warm-up and 20 ms of repetitions (triton's default: 25 + 100
     ms). A new shape's first forward + backward at M = 8192 autotunes 14–20 configs here (after _prune: shrink 3,
     pointer GEMM 3 in the forward and again for dx, gradients 2–6), since the dispatcher runs every candidate:
-    0.35–0.5 s instead of 1.75–2.5 s, plus the TMA kernel's 6 + 6 configs, timed by hopper.py's tuner at ~12 ms
+    0.35–0.5 s instead of 1.75–2.5 s, plus the TMA kernel's 11 + 11 configs, timed by hopper.py's tuner at ~12 ms
     each. 20 ms is still ~57 runs of the largest benchmarked GEMM (8192×4096×4096 bf16, ~0.35 ms on an H200).
     Compilation is extra (and cached on disk)."""
     return triton.testing.do_bench(fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
@@ -648,33 +658,42 @@ def _finish_kernel(
         # strides
         stride_ws, stride_wr, stride_wk, stride_or, stride_ok,
         # meta-parameters
-        ONE_SLOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out (R, K) in the adapter dtype = alpha·Σ_s part[s], summed in the order s = 0, 1, ... (deterministic).
+        ONE_SLOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out (R, K) in the adapter dtype = alpha·Σ_s part[s], summed in a fixed order (deterministic for a given
+    BLOCK_S and device): the splits are loaded BLOCK_S at a time as one tile; lane i of the tile's split axis
+    accumulates splits i, i + BLOCK_S, i + 2·BLOCK_S, ... in turn, and the BLOCK_S lane sums are added by one tl.sum
+    at the end (a fixed tree for the compiled layout). A tile holds FINISH_LOAD elements (``finish_blocks``) and its
+    loads feed independent accumulators: no load waits for another's sum (sm_90a SASS: 16 LDG.128 per thread per
+    tile, about 4 in flight at a time, 8 KiB per program), where a loop of one load per split waited one memory
+    round trip per 4 splits (ptxas unrolled it by 4, 1 KiB per program: at M = 8192 the one-slot dB's 64-256 row
+    blocks took 16-64 round trips, now 1-4).
 
     ONE_SLOT (frozen prefix, one shared rank b): part holds one row per split, which goes to out row b-1; every
     other row is exactly 0, and all of out is NaN when b is out of range. Otherwise part[s] is (R, K).
     """
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    # The split index times stride_ws is 64-bit (S·R·K may exceed 2^31).
     if ONE_SLOT:
         b, bad = _shared_rank(rank_ptr, R)
         first = tl.program_id(0) * BLOCK_R
         s_end = tl.where((first <= b - 1) & (b - 1 < first + BLOCK_R), n_parts, 0)  # other blocks read nothing
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        part_ptrs = part_ptr + offs_k * stride_wk
-        for s in range(0, s_end):  # the pointer steps over the splits: 64-bit (S·R·K may exceed 2^31)
-            acc += tl.load(part_ptrs, mask=offs_k < K, other=0.0)
-            part_ptrs += stride_ws
-        out = tl.where(offs_r[:, None] == b - 1, alpha * acc[None, :], 0.0)
+        acc = tl.zeros((BLOCK_S, BLOCK_K), dtype=tl.float32)
+        for s0 in range(0, s_end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            acc += tl.load(part_ptr + offs_s[:, None].to(tl.int64) * stride_ws + offs_k[None, :] * stride_wk,
+                           mask=(offs_s[:, None] < s_end) & (offs_k[None, :] < K), other=0.0)
+        out = tl.where(offs_r[:, None] == b - 1, alpha * tl.sum(acc, axis=0)[None, :], 0.0)
         out = tl.where(bad, float("nan"), out)
     else:
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_S, BLOCK_R, BLOCK_K), dtype=tl.float32)
         mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-        part_ptrs = part_ptr + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
-        for s in range(0, n_parts):  # as above
-            acc += tl.load(part_ptrs, mask=mask, other=0.0)
-            part_ptrs += stride_ws
-        out = alpha * acc
+        offsets = offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk
+        for s0 in range(0, n_parts, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            acc += tl.load(part_ptr + offs_s[:, None, None].to(tl.int64) * stride_ws + offsets[None, :, :],
+                           mask=(offs_s[:, None, None] < n_parts) & mask[None, :, :], other=0.0)
+        out = alpha * tl.sum(acc, axis=0)
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_k[None, :].to(tl.int64) * stride_ok
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
@@ -761,16 +780,29 @@ def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u, precision=None, t
     return out
 
 
+# fp32 elements one finish program loads per step: 64 registers per thread at 4 warps, 32 KiB in flight.
+FINISH_LOAD = 8192
+
+
+def finish_blocks(R: int, one_slot: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, BLOCK_S) of a finish launch: output tiles of 2048 elements at most (at r_max 64, 64 × 32:
+    128 programs for K = 4096 on a 132-SM GPU, where 64 × 64 left half of it idle), rows of at least 32 columns
+    (128-byte loads), and BLOCK_S splits per load, FINISH_LOAD elements in all (a one-slot part row is BLOCK_K
+    long, a full part tile BLOCK_R × BLOCK_K)."""
+    BLOCK_R = block_r(R)
+    BLOCK_K = max(32, 2048 // BLOCK_R)
+    return BLOCK_R, BLOCK_K, FINISH_LOAD // (BLOCK_K if one_slot else BLOCK_R * BLOCK_K)
+
+
 def finish(part, n_parts, rank, alpha, one_slot, out) -> torch.Tensor:
     """out (R, K) = alpha·Σ_{s < n_parts} part[s] (part (S, R, K), or (S, K) into row b-1 with ``one_slot``)."""
     R, K = out.shape
-    BLOCK_R = block_r(R)
-    BLOCK_K = 128 if BLOCK_R < 64 else 64
+    BLOCK_R, BLOCK_K, BLOCK_S = finish_blocks(R, bool(one_slot))
     ws, wk = part.stride(0), part.stride(-1)
     wr = part.stride(1) if part.dim() == 3 else 0
     _launch["finish"]((cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)),
                       (part, rank, out, K, R, n_parts, float(alpha), ws, wr, wk, *out.stride()),
-                      dict(ONE_SLOT=bool(one_slot), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K))
+                      dict(ONE_SLOT=bool(one_slot), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S))
     return out
 
 
