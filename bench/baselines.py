@@ -42,6 +42,28 @@ def median_ms(fn, wall_clock: bool = False, **do_bench):
     return triton.testing.do_bench(fn, return_mode="median", **do_bench)
 
 
+def interleaved_medians(methods: dict, leaves, grad, rounds: int) -> dict:
+    """CPU timing of several methods on the same data: every method once per round (a no-grad forward, then a
+    forward + backward of ``grad`` with the ``leaves``' gradients cleared), interleaved so that the machine's drift
+    spreads over all of them, after a warm-up round. Returns {(name, "forward" | "fwd+bwd"): median seconds}."""
+    times = {(name, mode): [] for name in methods for mode in ("forward", "fwd+bwd")}
+    for r in range(rounds + 1):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            fwd = time.perf_counter() - start
+            for t in leaves:
+                t.grad = None
+            start = time.perf_counter()
+            fn().backward(grad)
+            both = time.perf_counter() - start
+            if r:  # round 0 warms up
+                times[(name, "forward")].append(fwd)
+                times[(name, "fwd+bwd")].append(both)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def gpu_bench_setup(doc: str, script: str, dry_run: bool, quick_help: str, *flags: tuple[str, str]):
     """(parsed arguments, device name) for a GPU benchmark: --out DIR (default $OUT, else bench/out), --quick,
     --dry-run and the extra store_true ``flags`` ((name, help) pairs); exits without a GPU unless it is a dry run."""

@@ -11,14 +11,13 @@ block_size = 1 training forward, i.e. frozen-prefix at rank b).
 import argparse
 import platform
 import random
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dylora_kernels as dk
+from baselines import interleaved_medians
 from dylora_kernels import reference
 
 
@@ -72,24 +71,8 @@ def main():
                 err = float((methods[name]() - y).norm() / y.norm())
                 assert err < 1e-4, (name, err)
 
-    times = {(name, mode): [] for name in methods for mode in ("forward", "fwd+bwd")}
     leaves = [x, A, B] + (list(lycoris.parameters()) if lycoris is not None else [])
-    for r in range(args.rounds + 1):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            fwd = time.perf_counter() - start
-            for t in leaves:
-                t.grad = None
-            start = time.perf_counter()
-            fn().backward(g)
-            both = time.perf_counter() - start
-            if r:  # round 0 warms up
-                times[(name, "forward")].append(fwd)
-                times[(name, "fwd+bwd")].append(both)
-
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(methods, leaves, g, args.rounds)
     print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; conv {C}→{C} 3×3 pad 1, x ({args.batch}, {C}, {args.size}, {args.size}) fp32, "
           f"r_max = {r_max}, b = {b}; medians of {args.rounds} interleaved rounds\n")

@@ -17,13 +17,12 @@ medians. Ratios are over F.linear in the same run.
 """
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import dylora_kernels as dk
+from baselines import interleaved_medians
 
 
 def methods(x, W, bias, A, B, b, alpha, p):
@@ -36,25 +35,6 @@ def methods(x, W, bias, A, B, b, alpha, p):
                                                 base=F.linear(x, W, bias)),
         "naive + dropout": lambda: F.linear(x, W, bias) + s * (F.dropout(x, p) @ A[:b].t()) @ B[:, :b].t(),
     }
-
-
-def time_cpu(fns, leaves, g, rounds):
-    times = {(name, mode): [] for name in fns for mode in ("forward", "fwd+bwd")}
-    for r in range(rounds + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            fwd = time.perf_counter() - start
-            for t in leaves:
-                t.grad = None
-            start = time.perf_counter()
-            fn().backward(g)
-            both = time.perf_counter() - start
-            if r:  # round 0 warms up
-                times[(name, "forward")].append(fwd)
-                times[(name, "fwd+bwd")].append(both)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def time_cuda(fns, leaves, g):
@@ -108,7 +88,7 @@ def main():
         g = torch.randn(M, N).to(device, dtype)
         fns = methods(x, W, bias, A, B, args.rank, 16.0, args.p)
         med = (time_cuda(fns, [x, A, B], g) if device.type == "cuda"
-               else time_cpu(fns, [x, A, B], g, args.rounds))
+               else {k: v * 1e3 for k, v in interleaved_medians(fns, [x, A, B], g, args.rounds).items()})
         for name in fns:
             f, fb = med[(name, "forward")], med[(name, "fwd+bwd")]
             print(f"| {shape} | {name} | {f:.3f} | {f / med[('F.linear alone', 'forward')]:.3f} | {fb:.3f} | "

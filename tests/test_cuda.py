@@ -48,6 +48,20 @@ def test_auto_measures_once_per_key_and_remembers(fresh_dispatcher, tmp_path, mo
     assert torch.equal(call(), first) and again.timings == {}
 
 
+def capture(step):
+    """(graph, step's output inside it): one eager run on a side stream (the warm-up: the dispatcher decides there),
+    then step captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 @pytest.mark.parametrize("per_row", [False, True], ids=["one-rank", "per-row"])
 @pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
 def test_graph_capture_after_warm_up(fresh_dispatcher, per_row, frozen_prefix):
@@ -67,14 +81,7 @@ def test_graph_capture_after_warm_up(fresh_dispatcher, per_row, frozen_prefix):
         y.backward(g)
         return y
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
+    graph, y = capture(step)
     for seed, b in enumerate((1, 7, r_max)):
         rank.copy_(per_row_ranks(M, b, seed=seed) if per_row else torch.tensor(b))
         graph.replay()
@@ -193,14 +200,7 @@ def test_dropout_under_graph_capture(fresh_dispatcher, seed_kind):
         y.backward(g)
         return y
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
+    graph, y = capture(step)
     outputs = []
     for value in (11, 12):
         if seed is not None:
