@@ -631,6 +631,23 @@ def test_dropout_split_gradients():
             assert all(torch.equal(a, b) for a, b in zip(first, run_dropout(t, rank, frozen_prefix, 0.2, 3)))
 
 
+def test_dropout_prunes_the_fused_tiles_that_spill():
+    """Under DROPOUT the fused kernel keeps only tiles of at most DROPOUT_MAX_TILE elements (larger ones spill
+    registers on sm_90a, tests/sm90_compile.py): the large-shape candidates become the BLOCK_M = 16 ones; without
+    DROPOUT, and for the other kernels, nothing changes."""
+    import triton
+    T = backend()
+    cfg = lambda bm, bn: triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8))
+    configs = [cfg(32, 32), cfg(128, 256), cfg(64, 128), cfg(16, 128), cfg(16, 64)]
+    x = torch.empty(4, 4)
+    args = dict(x_ptr=x, z_ptr=x, R=8, M_BUCKET=4096, N_BUCKET=4096, K_BUCKET=4096)
+    tiles = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
+    assert tiles(T.kernels._prune_for("fused", False, configs, args)) == [(128, 256), (64, 128)]
+    assert tiles(T.kernels._prune_for("fused", False, configs, args, DROPOUT=True)) == [(16, 128), (16, 64)]
+    assert tiles(T.kernels._prune_for("fused", False, configs, {**args, "M_BUCKET": 16}, DROPOUT=True)) == \
+        [(16, 128), (16, 64)]
+
+
 def test_dropout_changes_only_the_low_rank_term():
     """p > 0 leaves the base GEMM alone (y − low-rank term = x·Wᵀ + bias) and differs from p = 0; a seed of 2⁶³ − 1
     (the key's high word) works."""

@@ -152,11 +152,25 @@ _SHARED_MEMORY_OPERANDS = {"fused": ("x_ptr", "z_ptr"), "decode": ("x_ptr", "a_p
                            "grad": ("q_ptr", "p_ptr"), "gemv": ("q_ptr", "p_ptr")}
 
 
+# The dx GEMM under adapter dropout draws its tile's mask (one Philox per element, 64-bit e) beside the accumulator:
+# tiles of 64x128 and more spill registers on sm_90a (tests/sm90_compile.py); 32x32, 16x128 and 16x64 do not.
+DROPOUT_MAX_TILE = 16 * 128
+
+
+def dropout_config_ok(kernel: str, config) -> bool:
+    """Whether ``config`` may run ``kernel`` with DROPOUT=True (only the fused kernel's tile is limited)."""
+    k = config.kwargs
+    return kernel != "fused" or k["BLOCK_M"] * k["BLOCK_N"] <= DROPOUT_MAX_TILE
+
+
 def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
     """``_prune``, then only the configs whose shared memory fits the device (``shared_memory`` against
     ``shared_memory_limit``: checked before a config is compiled or tried; the small config when none fits). With
     ``fixed`` (deterministic results) only the first of them: no timing decides."""
     kept = _prune(configs, named_args, **kwargs)
+    if kwargs.get("DROPOUT"):  # only tiles whose mask fits in registers (the BLOCK_M = 16 ones for large shapes)
+        kept = ([c for c in kept if dropout_config_ok(kernel, c)]
+                or [c for c in configs if dropout_config_ok(kernel, c) and c.kwargs["BLOCK_M"] == 16] or configs[:1])
     main, side = (named_args[name] for name in _SHARED_MEMORY_OPERANDS[kernel])
     limit = shared_memory_limit(main.device)
     if limit is not None:
