@@ -232,9 +232,9 @@ def jobs(quick: bool):
             for layout, layout_fixed in layouts.items():
                 for flag in flags:
                     fixed = {**flag, **layout_fixed}
-                    for config in configs[1:2] if quick else configs:
-                        if fixed.get("DROPOUT") and not kernels.dropout_config_ok(name, config):
-                            continue  # pruned under DROPOUT (kernels._prune_for): never runs
+                    # pruned under DROPOUT (kernels._prune_for): never runs
+                    runs = [c for c in configs if not fixed.get("DROPOUT") or kernels.dropout_config_ok(name, c)]
+                    for config in runs[1:2] if quick else runs:
                         yield name, layout, dtype, fixed, config
 
 

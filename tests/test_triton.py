@@ -644,6 +644,10 @@ def test_dropout_prunes_the_fused_tiles_that_spill():
     tiles = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
     assert tiles(T.kernels._prune_for("fused", False, configs, args)) == [(128, 256), (64, 128)]
     assert tiles(T.kernels._prune_for("fused", False, configs, args, DROPOUT=True)) == [(16, 128), (16, 64)]
+    grad = [triton.Config(dict(BLOCK_M=m, BLOCK_K=k)) for m, k in ((32, 32), (64, 128), (128, 128), (64, 64))]
+    grad_args = dict(q_ptr=x, p_ptr=x, R=8, M_BUCKET=4096, N_BUCKET=4096, K_BUCKET=4096)
+    blocks = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) for c in kept]
+    assert blocks(T.kernels._prune_for("grad", False, grad, grad_args, DROPOUT=True)) == [(64, 64)]
     assert tiles(T.kernels._prune_for("fused", False, configs, {**args, "M_BUCKET": 16}, DROPOUT=True)) == \
         [(16, 128), (16, 64)]
 

@@ -152,15 +152,17 @@ _SHARED_MEMORY_OPERANDS = {"fused": ("x_ptr", "z_ptr"), "decode": ("x_ptr", "a_p
                            "grad": ("q_ptr", "p_ptr"), "gemv": ("q_ptr", "p_ptr")}
 
 
-# The dx GEMM under adapter dropout draws its tile's mask (one Philox per element, 64-bit e) beside the accumulator:
-# tiles of 64x128 and more spill registers on sm_90a (tests/sm90_compile.py); 32x32, 16x128 and 16x64 do not.
-DROPOUT_MAX_TILE = 16 * 128
+# Under adapter dropout a kernel draws its masked tile's mask (one Philox per element, 64-bit e) beside its
+# accumulator: on sm_90a (tests/sm90_compile.py) the fused dx tiles of 64x128 and more, the gradient's x tiles of
+# 64x128 and more, and the decode kernel's 16x256 x tile spill registers. Largest masked tile per kernel:
+DROPOUT_MAX_TILE = {"fused": 16 * 128, "grad": 64 * 64, "decode": 16 * 128}
 
 
 def dropout_config_ok(kernel: str, config) -> bool:
-    """Whether ``config`` may run ``kernel`` with DROPOUT=True (only the fused kernel's tile is limited)."""
+    """Whether ``config`` may run ``kernel`` with DROPOUT=True (its masked tile within DROPOUT_MAX_TILE)."""
     k = config.kwargs
-    return kernel != "fused" or k["BLOCK_M"] * k["BLOCK_N"] <= DROPOUT_MAX_TILE
+    tile = k.get("BLOCK_M", DECODE_MAX_M) * k.get("BLOCK_N" if kernel == "fused" else "BLOCK_K", 0)
+    return tile <= DROPOUT_MAX_TILE.get(kernel, tile)
 
 
 def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
@@ -170,7 +172,7 @@ def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
     kept = _prune(configs, named_args, **kwargs)
     if kwargs.get("DROPOUT"):  # only tiles whose mask fits in registers (the BLOCK_M = 16 ones for large shapes)
         kept = ([c for c in kept if dropout_config_ok(kernel, c)]
-                or [c for c in configs if dropout_config_ok(kernel, c) and c.kwargs["BLOCK_M"] == 16] or configs[:1])
+                or [c for c in configs[1:] if dropout_config_ok(kernel, c)] or configs[:1])
     main, side = (named_args[name] for name in _SHARED_MEMORY_OPERANDS[kernel])
     limit = shared_memory_limit(main.device)
     if limit is not None:
