@@ -96,19 +96,22 @@ def _allocations(fn) -> tuple[object, int]:
 
 def compare(log, op: str, variant: str, inputs: dict) -> list[str]:
     """What differs between the Python path's launches and the C++ launcher's for one call (see the module
-    docstring); [] when nothing does. ``inputs``: the kernel contract's arguments by name."""
+    docstring); [] when nothing does. ``inputs``: the kernel contract's arguments by name (``dropout_p`` and
+    ``dropout_seed``, when present, passed by keyword to both paths)."""
     fn = T.forward if op == "forward" else T.backward
     out_names = ("y", "u") if op == "forward" else ("dx", "dA", "dB")
-    args = list(inputs.values())
-    fn(*args, variant=variant)  # the first call: through (stubbed) triton, fills launch.py's caches
+    keywords = ("dropout_p", "dropout_seed")
+    args = [v for k, v in inputs.items() if k not in keywords]
+    kw = {k: v for k, v in inputs.items() if k in keywords}
+    fn(*args, variant=variant, **kw)  # the first call: through (stubbed) triton, fills launch.py's caches
     log.clear()
-    py_out, py_allocs = _allocations(lambda: fn(*args, variant=variant))
+    py_out, py_allocs = _allocations(lambda: fn(*args, variant=variant, **kw))
     py_runs = list(log.runs)
     plan = _C.triton_plan(cplan.describe(op, variant, *args))
     call = _C.triton_forward if op == "forward" else _C.triton_backward
     _C.triton_record(RECORD_FULL)
     try:
-        cpp_out, cpp_allocs = _allocations(lambda: call(plan, *args))
+        cpp_out, cpp_allocs = _allocations(lambda: call(plan, *args, **kw))
         records = _C.triton_records()
     finally:
         _C.triton_record(RECORD_OFF)

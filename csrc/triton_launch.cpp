@@ -8,6 +8,8 @@
 //   the parameter packing   triton 3.6's make_launcher / make_tensordesc_arg (triton/backends/nvidia/driver.py)
 #include "triton_launch.h"
 
+#include "dropout.h"
+
 #include <ATen/ATen.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -41,7 +43,7 @@ namespace {
 enum Step : int { kShrink, kFused, kDecode, kGrad, kGemv, kFinish, kTma, kNumSteps };
 constexpr const char* kStepNames[kNumSteps] = {"shrink", "fused", "decode", "grad", "gemv", "finish", "tma"};
 // Runtime parameters per kernel (make_plan checks them against the kernel's own).
-constexpr int kStepParams[kNumSteps] = {23, 30, 33, 19, 18, 12, 20};
+constexpr int kStepParams[kNumSteps] = {25, 32, 35, 21, 20, 12, 20};
 
 // One runtime argument, as a Python wrapper passes it.
 // (Trivial, so that a launch's array of them costs nothing to set up: each is written before it is read.)
@@ -120,6 +122,21 @@ int64_t layout_code(std::initializer_list<const at::Tensor*> tensors) {
   return code;
 }
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
+// kernels.dropout_args / _dropout: the (seed_ptr, threshold) runtime arguments and the DROPOUT constexpr of a launch.
+// The threshold floor(p·2³²) travels as the int32 with its bits (every p: one binary); none and 0 without dropout.
+struct Drop {
+  const at::Tensor* seed = nullptr;  // nullptr: DROPOUT=False
+  int64_t threshold = 0;
+  bool on() const { return seed != nullptr; }
+};
+Drop drop_of(double p, const std::optional<at::Tensor>& seed) {
+  if (!(p > 0)) return {};
+  if (!seed) throw std::invalid_argument("triton_launch: dropout_p > 0 without a dropout_seed");
+  const int64_t t = static_cast<int64_t>(dropout::threshold(p));
+  return {&*seed, t >= (int64_t{1} << 31) ? t - (int64_t{1} << 32) : t};
+}
+Arg seed_arg(const Drop& d) { return d.on() ? tensor(*d.seed) : none(); }
 
 // ------------------------------------------------------------------------------------------------
 // Binaries: what binary_for answers, parsed once
@@ -629,14 +646,16 @@ std::array<uint32_t, 3> grid3(int64_t x, int64_t y = 1, int64_t z = 1) {
 // kernels.shrink: out (M, R) fp32 = (x·yᵀ) ⊙ [j < b_m]; with fold_u also the fold partials. Returns the number
 // of fold row blocks (0 without fold), or -1 when not handled.
 int64_t shrink(Calls& c, const at::Tensor& x, const at::Tensor& y, const at::Tensor& rank, const at::Tensor& out,
-               const at::Tensor* fold_u, const at::Tensor* fold) {
+               const at::Tensor* fold_u, const at::Tensor* fold, const Drop& drop = {}) {
   int64_t M = x.size(0), K = x.size(1), R = y.size(0), BLOCK_R = block_r(R);
   Launch& l = c.begin(kShrink);
   l << tensor(x) << tensor(y) << tensor(rank) << tensor(out) << (fold_u ? tensor(*fold_u) : none())
-    << (fold ? tensor(*fold) : none()) << integer(M) << integer(K) << integer(R);
+    << (fold ? tensor(*fold) : none()) << seed_arg(drop) << integer(M) << integer(K) << integer(R)
+    << integer(drop.threshold);
   l.strides(x).strides(y).strides(out).strides(fold_u, 2).strides(fold, 2);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&x, &y}));
-  l.flag("PER_ROW", rank.dim() == 1).flag("FOLD", fold_u != nullptr).value("BLOCK_R", BLOCK_R);
+  l.flag("PER_ROW", rank.dim() == 1).flag("FOLD", fold_u != nullptr).flag("DROPOUT", drop.on());
+  l.value("BLOCK_R", BLOCK_R);
   l.text("PRECISION", c.plan.precision);
   const Binary* b = c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m), cdiv(R, BLOCK_R)); });
   if (b == nullptr) return -1;
@@ -646,16 +665,17 @@ int64_t shrink(Calls& c, const at::Tensor& x, const at::Tensor& y, const at::Ten
 // kernels.fused_linear: out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + [x·yᵀ] + [bias] + [base].
 void fused_linear(Calls& c, const at::Tensor& x, const at::Tensor* y, const at::Tensor* bias, const at::Tensor* base,
                   const at::Tensor& u, const at::Tensor& z, const at::Tensor& rank, double alpha,
-                  const at::Tensor& out) {
+                  const at::Tensor& out, const Drop& drop = {}) {
   int64_t M = x.size(0), K = x.size(1), N = z.size(0), R = z.size(1);
   Launch& l = c.begin(kFused);
   l << tensor(x) << (y ? tensor(*y) : none()) << tensor(u) << tensor(z) << (bias ? tensor(*bias) : none())
-    << (base ? tensor(*base) : none()) << tensor(rank) << tensor(out) << integer(M) << integer(N) << integer(K)
-    << integer(R) << real(alpha);
+    << (base ? tensor(*base) : none()) << tensor(rank) << tensor(out) << seed_arg(drop) << integer(M) << integer(N)
+    << integer(K) << integer(R) << real(alpha) << integer(drop.threshold);
   l.strides(x).strides(y, 2).strides(u).strides(z).strides(bias, 1).strides(base, 2).strides(out);
   l << integer(bucket(M)) << integer(bucket(N)) << integer(bucket(K)) << integer(layout_code({&x, y, &z}));
   l.flag("HAS_W", y != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
-  l.flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", seed_block_r(R)).text("PRECISION", c.plan.precision);
+  l.flag("PER_ROW", rank.dim() == 1).flag("DROPOUT", drop.on()).value("BLOCK_R", seed_block_r(R));
+  l.text("PRECISION", c.plan.precision);
   c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m) * cdiv(N, b.block_n)); });
 }
 
@@ -664,16 +684,16 @@ constexpr int64_t kDecodeMaxM = 16;  // kernels.DECODE_MAX_M
 // kernels.decode_linear: the whole forward for M ≤ 16 in one launch (u written when given).
 void decode_linear(Calls& c, const at::Tensor& x, const at::Tensor* w, const at::Tensor* bias, const at::Tensor* base,
                    const at::Tensor& a, const at::Tensor& z, const at::Tensor& rank, double alpha,
-                   const at::Tensor& out, const at::Tensor* u) {
+                   const at::Tensor& out, const at::Tensor* u, const Drop& drop = {}) {
   int64_t M = x.size(0), K = x.size(1), N = z.size(0), R = z.size(1);
   Launch& l = c.begin(kDecode);
   l << tensor(x) << (w ? tensor(*w) : none()) << tensor(a) << tensor(z) << (bias ? tensor(*bias) : none())
-    << (base ? tensor(*base) : none()) << tensor(rank) << tensor(out) << (u ? tensor(*u) : none()) << integer(M)
-    << integer(N) << integer(K) << integer(R) << real(alpha);
+    << (base ? tensor(*base) : none()) << tensor(rank) << tensor(out) << (u ? tensor(*u) : none()) << seed_arg(drop)
+    << integer(M) << integer(N) << integer(K) << integer(R) << real(alpha) << integer(drop.threshold);
   l.strides(x).strides(w, 2).strides(a).strides(z).strides(bias, 1).strides(base, 2).strides(out).strides(u, 2);
   l << integer(bucket(M)) << integer(bucket(N)) << integer(bucket(K)) << integer(layout_code({&x, w, &a, &z}));
   l.flag("HAS_W", w != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
-  l.flag("PER_ROW", rank.dim() == 1).flag("NEED_U", u != nullptr);
+  l.flag("PER_ROW", rank.dim() == 1).flag("NEED_U", u != nullptr).flag("DROPOUT", drop.on());
   l.value("R_CAP", next_power_of_2(std::max<int64_t>(16, R))).value("BLOCK_M", kDecodeMaxM);
   l.text("PRECISION", c.plan.precision);
   c.add([&](const Binary& b) { return grid3(cdiv(N, b.block_n)); });
@@ -706,19 +726,21 @@ std::pair<int64_t, int64_t> split_rows(const Plan& plan, int64_t M, int64_t tile
 
 // kernels.lora_grad (split-M partials, then finish) and kernels.frozen_grad (one_hot_row: the GEMV).
 void grad_of(Calls& c, bool gemv, const at::Tensor& p, const at::Tensor& q, const at::Tensor& rank, double alpha,
-             bool frozen_prefix, const at::Tensor& out) {
+             bool frozen_prefix, const at::Tensor& out, const Drop& drop = {}) {
   int64_t M = q.size(0), K = q.size(1), R = p.size(1), BLOCK_R = block_r(R);
   auto [splits, rows] = split_rows(c.plan, M, gemv ? cdiv(K, 128) : cdiv(R, BLOCK_R) * cdiv(K, 128));
   at::Tensor part = gemv ? at::empty({splits, K}, q.options().dtype(at::kFloat))
                          : at::empty({splits, R, K}, q.options().dtype(at::kFloat));
   Launch& l = c.begin(gemv ? kGemv : kGrad);
-  l << tensor(p) << tensor(q) << tensor(rank) << tensor(part) << integer(M) << integer(K) << integer(R)
-    << integer(rows);
+  l << tensor(p) << tensor(q) << tensor(rank) << tensor(part) << seed_arg(drop) << integer(M) << integer(K)
+    << integer(R) << integer(rows) << integer(drop.threshold);
   l.strides(p).strides(q).strides(part);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&p, &q}));
-  if (!gemv) {
-    l.flag("ONE_HOT", frozen_prefix).flag("PER_ROW", rank.dim() == 1).value("BLOCK_R", BLOCK_R);
-    l.text("PRECISION", c.plan.precision);
+  if (gemv) {
+    l.flag("DROPOUT", drop.on());
+  } else {
+    l.flag("ONE_HOT", frozen_prefix).flag("PER_ROW", rank.dim() == 1).flag("DROPOUT", drop.on());
+    l.value("BLOCK_R", BLOCK_R).text("PRECISION", c.plan.precision);
   }
   int64_t r_tiles = gemv ? 1 : cdiv(R, BLOCK_R);
   c.add([&](const Binary& b) { return grid3(r_tiles * cdiv(K, b.block_k), splits); });
@@ -785,7 +807,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(Plan& plan, const at::
                                                           double dropout_p,
                                                           const std::optional<at::Tensor>& dropout_seed) {
   if (plan.op != "forward") throw std::invalid_argument("triton_launch::forward: a " + plan.op + " plan");
-  if (dropout_p > 0) return std::nullopt;  // TODO(dropout): the kernels' dropout arguments
+  const Drop drop = drop_of(dropout_p, dropout_seed);  // as dylora_kernels.triton.forward: α/(1 − p), the mask on u
+  if (drop.on()) alpha /= 1.0 - dropout_p;
   int64_t M = x.size(0), N = lora_B.size(0), R = lora_A.size(0);
   DeviceGuard guard(x.device());
   at::Tensor rank = rank_in.contiguous();
@@ -794,13 +817,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(Plan& plan, const at::
   at::Tensor u;
   if (plan.variant == "decode") {
     if (need_u) u = at::empty({M, R}, x.options().dtype(at::kFloat));
-    decode_linear(c, x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, y, need_u ? &u : nullptr);
+    decode_linear(c, x, opt(weight), opt(bias), opt(base), lora_A, lora_B, rank, alpha, y, need_u ? &u : nullptr,
+                  drop);
     if (!c.ok) return std::nullopt;
     c.run();
     return std::make_tuple(y, need_u ? u : x.new_empty({0}, x.options().dtype(at::kFloat)));
   }
   u = at::empty({M, R}, x.options().dtype(at::kFloat));
-  shrink(c, x, lora_A, rank, u, nullptr, nullptr);
+  shrink(c, x, lora_A, rank, u, nullptr, nullptr, drop);
   if (plan.variant == "tma" && weight)
     tma_linear(c, x, *weight, false, opt(bias), opt(base), u, lora_B, rank, alpha, y);
   else
@@ -816,7 +840,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> backward(
     bool frozen_prefix, bool compute_dx, bool compute_lora, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed) {
   if (plan.op != "backward") throw std::invalid_argument("triton_launch::backward: a " + plan.op + " plan");
-  if (dropout_p > 0) return std::nullopt;  // TODO(dropout): the kernels' dropout arguments
+  // As dylora_kernels.triton.backward: α/(1 − p); x's mask on dx's low-rank part and on x in dA (v and dB: none).
+  const Drop drop = drop_of(dropout_p, dropout_seed);
+  if (drop.on()) alpha /= 1.0 - dropout_p;
   int64_t M = x.size(0), K = x.size(1), N = lora_B.size(0), R = lora_B.size(1);
   at::Tensor dx = x.new_empty({0}), dA = lora_A.new_empty({0}), dB = lora_B.new_empty({0});
   if (!(compute_dx || compute_lora)) return std::make_tuple(dx, dA, dB);
@@ -831,11 +857,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> backward(
   int64_t n_fold = shrink(c, grad, lora_Bt, rank, v, one_slot ? &u : nullptr, one_slot ? &fold : nullptr);
   if (compute_dx) {
     dx = at::empty({M, K}, x.options());
-    if (plan.variant == "tma" && weight && tma_applies(grad, opt(weight), K)) {
+    if (plan.variant == "tma" && weight && !drop.on() && tma_applies(grad, opt(weight), K)) {
       tma_linear(c, grad, *weight, true, nullptr, nullptr, v, lora_At, rank, alpha, dx);
     } else {
       at::Tensor wt = weight ? weight->t() : at::Tensor();
-      fused_linear(c, grad, weight ? &wt : nullptr, nullptr, nullptr, v, lora_At, rank, alpha, dx);
+      fused_linear(c, grad, weight ? &wt : nullptr, nullptr, nullptr, v, lora_At, rank, alpha, dx, drop);
     }
   }
   if (compute_lora) {
@@ -843,10 +869,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> backward(
     dB = at::empty({N, R}, lora_B.options());
     at::Tensor dBt = dB.t();
     if (one_slot) {
-      grad_of(c, true, v, x, rank, alpha, true, dA);
+      grad_of(c, true, v, x, rank, alpha, true, dA, drop);
       if (n_fold >= 0) finish(c, fold, n_fold, rank, alpha, true, dBt);
     } else {
-      grad_of(c, false, v, x, rank, alpha, frozen_prefix, dA);
+      grad_of(c, false, v, x, rank, alpha, frozen_prefix, dA, drop);
       grad_of(c, false, u, grad, rank, alpha, frozen_prefix, dBt);
     }
   }
@@ -954,19 +980,25 @@ void register_bindings(py::module& m) {
   m.def("triton_forward",
         [](Plan& p, const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& bias,
            const std::optional<at::Tensor>& base, const at::Tensor& A, const at::Tensor& B, const at::Tensor& rank,
-           double alpha, bool need_u) -> py::object {
-          auto r = forward(p, x, w, bias, base, A, B, rank, alpha, need_u);
+           double alpha, bool need_u, double dropout_p, const std::optional<at::Tensor>& dropout_seed) -> py::object {
+          auto r = forward(p, x, w, bias, base, A, B, rank, alpha, need_u, dropout_p, dropout_seed);
           return r ? py::cast(*r) : py::none();
         },
-        "triton_launch::forward: (y, u), or None when not handled");
+        "triton_launch::forward: (y, u), or None when not handled", py::arg("plan"), py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("base"), py::arg("lora_A"), py::arg("lora_B"), py::arg("rank"), py::arg("alpha"),
+        py::arg("need_u"), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = py::none());
   m.def("triton_backward",
         [](Plan& p, const at::Tensor& g, const at::Tensor& x, const std::optional<at::Tensor>& w,
            const at::Tensor& A, const at::Tensor& B, const at::Tensor& u, const at::Tensor& rank, double alpha,
-           bool frozen, bool cdx, bool clora) -> py::object {
-          auto r = backward(p, g, x, w, A, B, u, rank, alpha, frozen, cdx, clora);
+           bool frozen, bool cdx, bool clora, double dropout_p,
+           const std::optional<at::Tensor>& dropout_seed) -> py::object {
+          auto r = backward(p, g, x, w, A, B, u, rank, alpha, frozen, cdx, clora, dropout_p, dropout_seed);
           return r ? py::cast(*r) : py::none();
         },
-        "triton_launch::backward: (dx, dA, dB), or None when not handled");
+        "triton_launch::backward: (dx, dA, dB), or None when not handled", py::arg("plan"), py::arg("grad"),
+        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("u"), py::arg("rank"),
+        py::arg("alpha"), py::arg("frozen_prefix"), py::arg("compute_dx"), py::arg("compute_lora"),
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = py::none());
   m.def("triton_record", [](int mode) {
           if (mode < 0 || mode > 2) throw std::invalid_argument("triton_record: mode must be 0 (off), 1 (count) or 2 (full)");
           g_record = static_cast<RecordMode>(mode);

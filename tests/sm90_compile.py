@@ -81,12 +81,13 @@ P = dict
 KERNELS = {
     "fused": (kernels._fused_linear_kernel, kernels._configs("fused"),
               P(x_ptr="x", y_ptr="x", u_ptr="*fp32", z_ptr="a", bias_ptr="x", base_ptr="x", rank_ptr="*i64",
-                out_ptr="x"),
-              {"y": P(stride_xk=1, stride_yk=1, stride_ur=1, stride_zr=1, stride_bias=1, stride_basen=1, stride_on=1),
+                out_ptr="x", seed_ptr="*i64"),
+              {"y": P(stride_xk=1, stride_yk=1, stride_ur=1, stride_zr=1, stride_bias=1, stride_basen=1, stride_on=1,
+                      DROPOUT=False, seed_ptr=None),
                "dx": P(stride_xk=1, stride_yn=1, stride_ur=1, stride_zn=1, stride_on=1, HAS_BIAS=False,
                        HAS_BASE=False, bias_ptr=None, base_ptr=None)},
-              (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False),
-               P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True)),
+              (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False, DROPOUT=False, seed_ptr=None),
+               P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True, DROPOUT=True)),
               "async"),
     "tma": (hopper._fused_linear_tma_kernel, kernels._configs("tma"),
             P(u_ptr="*fp32", z_ptr="a", bias_ptr="x", base_ptr="x", rank_ptr="*i64"),
@@ -96,28 +97,33 @@ KERNELS = {
             (P(HAS_BIAS=False, HAS_BASE=False, PER_ROW=False), P(HAS_BIAS=True, HAS_BASE=True, PER_ROW=True)),
             "tma"),
     "shrink": (kernels._shrink_kernel, kernels._configs("shrink"),
-               P(x_ptr="x", y_ptr="a", rank_ptr="*i64", out_ptr="*fp32", u_ptr="*fp32", fold_ptr="*fp32"),
+               P(x_ptr="x", y_ptr="a", rank_ptr="*i64", out_ptr="*fp32", u_ptr="*fp32", fold_ptr="*fp32",
+                 seed_ptr="*i64"),
                {"u": P(stride_xk=1, stride_yk=1, stride_or=1, FOLD=False, u_ptr=None, fold_ptr=None),
-                "v": P(stride_xk=1, stride_yr=1, stride_or=1, stride_ur=1, stride_fk=1)},
-               (P(PER_ROW=True, FOLD=False, u_ptr=None, fold_ptr=None), P(PER_ROW=False, FOLD=True)),
+                "v": P(stride_xk=1, stride_yr=1, stride_or=1, stride_ur=1, stride_fk=1, DROPOUT=False,
+                       seed_ptr=None)},
+               (P(PER_ROW=True, FOLD=False, DROPOUT=False, u_ptr=None, fold_ptr=None, seed_ptr=None),
+                P(PER_ROW=False, FOLD=True, DROPOUT=True)),
                "async+prefetch"),
     "decode": (kernels._decode_kernel, kernels._configs("decode"),
                P(x_ptr="x", w_ptr="x", a_ptr="a", z_ptr="a", bias_ptr="x", base_ptr="x", rank_ptr="*i64",
-                 out_ptr="x", u_ptr="*fp32"),
+                 out_ptr="x", u_ptr="*fp32", seed_ptr="*i64"),
                {"y": P(stride_xk=1, stride_wk=1, stride_ak=1, stride_zr=1, stride_bias=1, stride_basen=1,
                        stride_on=1, stride_ur=1, BLOCK_M=16)},
-               (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False, NEED_U=False, u_ptr=None),
-                P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True, NEED_U=True)),
+               (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False, NEED_U=False, DROPOUT=False, u_ptr=None,
+                  seed_ptr=None),
+                P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True, NEED_U=True, DROPOUT=True)),
                "async"),
     "grad": (kernels._lora_grad_kernel, kernels._configs("grad"),
-             P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32"),
+             P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32", seed_ptr="*i64"),
              {"dA/dB": P(stride_pr=1, stride_qk=1, stride_wk=1)},
-             (P(ONE_HOT=True, PER_ROW=True), P(ONE_HOT=False, PER_ROW=False)),  # the launchers' two extremes
+             # the launchers' two extremes (dB: no dropout; dA with dropout)
+             (P(ONE_HOT=True, PER_ROW=True, DROPOUT=False, seed_ptr=None), P(ONE_HOT=False, PER_ROW=False, DROPOUT=True)),
              "async"),
     "gemv": (kernels._frozen_gemv_kernel, kernels._configs("gemv"),
-             P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32"),
+             P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32", seed_ptr="*i64"),
              {"dA": P(stride_pr=1, stride_qk=1, stride_wk=1)},
-             (P(), P()),
+             (P(DROPOUT=False, seed_ptr=None), P(DROPOUT=True)),
              "prefetch"),
     "finish": (kernels._finish_kernel,  # the launcher's blocks at r_max 64 and 16 (BLOCK_S: compile_one)
                [triton.Config(dict(zip(("BLOCK_R", "BLOCK_K"), kernels.finish_blocks(R, False)[:2])))
@@ -256,13 +262,16 @@ def jobs(quick: bool):
             flags = flag_sets if dtype == "bf16" and not quick and flag_sets[0] != flag_sets[1] else flag_sets[1:]
             for layout, layout_fixed in layouts.items():
                 for flag in flags:
-                    for config in configs[1:2] if quick else configs:
-                        yield name, layout, dtype, {**flag, **layout_fixed}, config
+                    fixed = {**flag, **layout_fixed}
+                    # pruned under DROPOUT (kernels._prune_for): never runs
+                    runs = [c for c in configs if not fixed.get("DROPOUT") or kernels.dropout_config_ok(name, c)]
+                    for config in runs[1:2] if quick else runs:
+                        yield name, layout, dtype, fixed, config
 
 
 # A False flag means no operand: the pointer arguments the launchers pass as None then.
 NONE_WHEN_FALSE = {"HAS_W": ("y_ptr", "w_ptr"), "HAS_BIAS": ("bias_ptr",), "HAS_BASE": ("base_ptr",),
-                   "NEED_U": ("u_ptr",), "FOLD": ("u_ptr", "fold_ptr")}
+                   "NEED_U": ("u_ptr",), "FOLD": ("u_ptr", "fold_ptr"), "DROPOUT": ("seed_ptr",)}
 
 
 def every_flag_combination():

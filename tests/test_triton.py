@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,11 +87,11 @@ def run(t, rank, frozen_prefix, variant="pointer", bwd_variant=None, alpha=ALPHA
     return y, u, dx, dA, dB
 
 
-def check(ours, t, rank, frozen_prefix, tol=None, alpha=ALPHA):
-    """Every output within tol of the float64 formula, in the right dtype, and exact zeros in dA/dB outside the
-    trained slots."""
+def check(ours, t, rank, frozen_prefix, tol=None, alpha=ALPHA, ref=None):
+    """Every output within tol of the float64 formula (or of ``ref``), in the right dtype, and exact zeros in dA/dB
+    outside the trained slots."""
     tol = tol or tolerance("triton", t["x"].dtype)
-    ref = expected(t, rank, alpha, frozen_prefix)
+    ref = ref or expected(t, rank, alpha, frozen_prefix)
     dtypes = (t["x"].dtype, torch.float32, t["x"].dtype, t["lora_A"].dtype, t["lora_B"].dtype)
     for name, out, r, dtype in zip(("y", "u", "dx", "dA", "dB"), ours, ref, dtypes):
         assert out.dtype == dtype and out.shape == r.shape, name
@@ -549,6 +550,163 @@ def test_any_integer_rank_dtype(rank_dtype):
                     assert all(rel_err(a, b) <= tolerance("triton", torch.float32) for a, b in zip(got, want))
                 else:
                     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter dropout (the mask generated in the kernels: kernels._dropout_keep, reference.dropout_keep's contract)
+# --------------------------------------------------------------------------------------------
+def expected_dropout(t, rank, alpha, frozen_prefix, p, seed):
+    """y, u, dx, dA, dB in float64 with adapter dropout, from the formula with reference.dropout_keep's mask:
+    u = (x ⊙ keep)·A[:b]ᵀ (unscaled), s = alpha/((1 − p)·b); v = g·B (no mask), dx = g·W + keep ⊙ (s·v·A),
+    dA = (s·v)ᵀ·(x ⊙ keep), dB = gᵀ·(s·u)."""
+    from dylora_kernels import reference
+    d = {k: None if v is None else v.detach().cpu().double() for k, v in t.items()}
+    x, W, A, B, g = d["x"], d["weight"], d["lora_A"], d["lora_B"], d["grad"]
+    (M, K), R = x.shape, A.shape[0]
+    keep = reference.dropout_keep(seed, M, K, p).double()
+    b = rank.cpu().long().reshape(-1).expand(M)
+    slots = torch.arange(R)
+    used = (slots[None, :] < b[:, None]).double()
+    trained = (slots[None, :] == b[:, None] - 1).double() if frozen_prefix else used
+    s = alpha / (1 - p) / b.double()[:, None]
+    u = ((x * keep) @ A.t()) * used
+    y = (s * u) @ B.t()
+    v = (g @ B) * used
+    dx = keep * ((s * v) @ A)
+    if W is not None:
+        y, dx = y + x @ W.t(), dx + g @ W
+    for extra in ("bias", "base"):
+        if d[extra] is not None:
+            y = y + d[extra]
+    return y, u, dx, (s * v * trained).t() @ (x * keep), g.t() @ (s * u * trained)
+
+
+def run_dropout(t, rank, frozen_prefix, p, seed, variant="pointer", alpha=ALPHA):
+    T = backend()
+    x, W, A, B = t["x"], t["weight"], t["lora_A"], t["lora_B"]
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=x.device)
+    y, u = T.forward(x, W, t["bias"], t["base"], A, B, rank, alpha, True, variant, dropout_p=p, dropout_seed=seed_t)
+    dx, dA, dB = T.backward(t["grad"], x, W, A, B, u, rank, alpha, frozen_prefix, True, True,
+                            "tma" if variant == "tma" else "pointer", dropout_p=p, dropout_seed=seed_t)
+    return y, u, dx, dA, dB
+
+
+def check_dropout(t, rank, frozen_prefix, p, seed, variant="pointer"):
+    ours = run_dropout(t, rank, frozen_prefix, p, seed, variant)
+    check(ours, t, rank, frozen_prefix, ref=expected_dropout(t, rank, ALPHA, frozen_prefix, p, seed))
+    return ours
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("frozen_prefix", [False, True], ids=["full", "frozen"])
+@pytest.mark.parametrize("rank_kind", [1, 7, "per_row"])
+@pytest.mark.parametrize("variant,dtype", variant_params())
+def test_dropout_every_variant_against_float64(variant, dtype, rank_kind, frozen_prefix):
+    """Adapter dropout in each variant (pointer; decode, M ≤ 16; tma: its forward, dx by the pointer kernel) against
+    the float64 formula with the reference mask: K = 45 (not a multiple of 4 or of BLOCK_K) or 40 (tma), rank 1,
+    r_max, per-row; frozen prefix with one rank runs the one-slot GEMV for dA and the folded dB column."""
+    M, K, N = SHAPES[variant]
+    t = make(M, K, N, 7, dtype, base=True)
+    rank = rank_of(rank_kind, M, 7)
+    y, u = check_dropout(t, rank, frozen_prefix, 0.3, 2**40 + 7, variant)[:2]
+    keep = __import__("dylora_kernels").reference.dropout_keep(2**40 + 7, M, K, 0.3)
+    assert 0 < keep.sum() < keep.numel()
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("shape", [(37, 3, 11), (21, 4, 9), (33, 64, 17), (9, 97, 13)],
+                         ids=["K3", "K4", "K64", "K97"])
+@pytest.mark.parametrize("p", [0.1, 0.75])
+def test_dropout_shapes_and_thresholds(shape, p):
+    """K below, at and above 4 and BLOCK_K (one Philox call spans rows when K % 4 ≠ 0), p whose threshold is ≥ 2³¹
+    (passed as its int32 bits), pointer and decode, one rank and per-row ranks."""
+    M, K, N = shape
+    t = make(M, K, N, 5, bias=False)
+    for variant in ("pointer", "decode") if M <= 16 else ("pointer",):
+        for rank in (rank_of(3, M, 5), rank_of("per_row", M, 5)):
+            for frozen_prefix in (False, True):
+                check_dropout(t, rank, frozen_prefix, p, 99, variant)
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+def test_dropout_split_gradients():
+    """Several split-M partials (M = 200) with dropout: dA's partials mask x by the absolute row; deterministic."""
+    T = backend()
+    M, K, N, R = 200, 24, 20, 8
+    splits, _ = T.kernels.split_rows(M, 1, T.kernels.num_sms(torch.device(DEVICE)))
+    assert splits > 1
+    t = make(M, K, N, R)
+    for rank in (torch.tensor(5, device=DEVICE), per_row_ranks(M, R).to(DEVICE)):
+        for frozen_prefix in (False, True):
+            first = check_dropout(t, rank, frozen_prefix, 0.2, 3)
+            assert all(torch.equal(a, b) for a, b in zip(first, run_dropout(t, rank, frozen_prefix, 0.2, 3)))
+
+
+def test_dropout_prunes_the_fused_tiles_that_spill():
+    """Under DROPOUT the fused kernel keeps only tiles of at most DROPOUT_MAX_TILE elements (larger ones spill
+    registers on sm_90a, tests/sm90_compile.py): the large-shape candidates become the BLOCK_M = 16 ones; without
+    DROPOUT, and for the other kernels, nothing changes."""
+    import triton
+    T = backend()
+    cfg = lambda bm, bn: triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8))
+    configs = [cfg(32, 32), cfg(128, 256), cfg(64, 128), cfg(16, 128), cfg(16, 64)]
+    x = torch.empty(4, 4)
+    args = dict(x_ptr=x, z_ptr=x, R=8, M_BUCKET=4096, N_BUCKET=4096, K_BUCKET=4096)
+    tiles = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
+    assert tiles(T.kernels._prune_for("fused", False, configs, args)) == [(128, 256), (64, 128)]
+    assert tiles(T.kernels._prune_for("fused", False, configs, args, DROPOUT=True)) == [(16, 128), (16, 64)]
+    grad = [triton.Config(dict(BLOCK_M=m, BLOCK_K=k)) for m, k in ((32, 32), (64, 128), (128, 128), (64, 64))]
+    grad_args = dict(q_ptr=x, p_ptr=x, R=8, M_BUCKET=4096, N_BUCKET=4096, K_BUCKET=4096)
+    blocks = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) for c in kept]
+    assert blocks(T.kernels._prune_for("grad", False, grad, grad_args, DROPOUT=True)) == [(64, 64)]
+    assert tiles(T.kernels._prune_for("fused", False, configs, {**args, "M_BUCKET": 16}, DROPOUT=True)) == \
+        [(16, 128), (16, 64)]
+
+
+def test_dropout_changes_only_the_low_rank_term():
+    """p > 0 leaves the base GEMM alone (y − low-rank term = x·Wᵀ + bias) and differs from p = 0; a seed of 2⁶³ − 1
+    (the key's high word) works."""
+    M, K, N, R = 13, 45, 29, 6
+    t = make(M, K, N, R)
+    rank = rank_of(4, M, R)
+    ours = check_dropout(t, rank, False, 0.5, 2**63 - 1)
+    plain = run(t, rank, False)
+    assert not torch.allclose(ours[0], plain[0]) and not torch.allclose(ours[1], plain[1])
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from dylora_kernels.triton import kernels as _kernels
+
+    @triton.jit
+    def _tile_mask(seed_ptr, out_ptr, m0, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
+        """The int8 keep mask of rows m0 + [0, BM) × columns [0, BK) of an (M, K) x, by kernels._dropout_keep."""
+        offs_m = m0 + tl.arange(0, BM)
+        offs_k = tl.arange(0, BK)
+        keep = _kernels._dropout_keep(tl.load(seed_ptr), offs_m, offs_k, K, threshold)
+        tl.store(out_ptr + tl.arange(0, BM)[:, None] * BK + offs_k[None, :], keep.to(tl.int8))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_dropout_mask_helper_uses_64_bit_element_indices(p):
+    """kernels._dropout_keep on a tiny tile whose rows lie past 2³² elements (e = m·K + k crosses 2³² inside the tile
+    and reaches 2³⁵): the mask equals the reference rule on those e (Philox counter e >> 2 with a nonzero high word,
+    lane e & 3). A 32-bit e would wrap and draw other counters."""
+    from dylora_kernels import reference
+    T = backend()
+    K, BM, BK, seed = 4099, 4, 8, 12345  # K odd: rows start at every lane of a Philox call
+    for m0 in (2**32 // K - 1, 2**35 // K):
+        seed_t, threshold = T.kernels.dropout_args(p, torch.tensor(seed))
+        out = torch.empty(BM, BK, dtype=torch.int8, device=DEVICE)
+        _tile_mask[(1,)](seed_t.to(DEVICE), out, m0, K, threshold, BM=BM, BK=BK)
+        e = (np.uint64(m0) + np.arange(BM, dtype=np.uint64))[:, None] * np.uint64(K) + np.arange(BK, dtype=np.uint64)
+        draws = np.stack(reference.philox4x32(e.reshape(-1) >> np.uint64(2), seed), axis=-1)
+        r = np.take_along_axis(draws, (e.reshape(-1) & np.uint64(3)).astype(np.int64)[:, None], axis=1)[:, 0]
+        want = torch.from_numpy((r >= reference.dropout_threshold(p)).reshape(BM, BK))
+        assert int(e.max()) >= 2**32 and int(e.min()) < 2**35
+        assert torch.equal(out.cpu().bool(), want), m0
 
 
 def test_split_gradients_are_deterministic_and_split():

@@ -77,6 +77,27 @@ with stubbed_gpu_launches(record=True) as log:
                   u=rnd(M, R, dtype=torch.float32), rank=torch.tensor(4), alpha=2.0, frozen_prefix=False,
                   compute_dx=True, compute_lora=True)
     results["backward pointer M=300 R=9"] = compare(log, "backward", "pointer", inputs)
+    # Adapter dropout: the seed pointer, the threshold (its int32 bits: p = 0.75 is above 2^31) and DROPOUT
+    seed = torch.tensor(2**40 + 9)
+    for variant, per_row, p in itertools.product(("pointer", "decode", "tma"), (False, True), (0.1, 0.75)):
+        M, (K, N, R) = (5 if variant == "decode" else 37), ((40, 24, 6) if variant != "pointer" else (45, 29, 6))
+        inputs = dict(x=rnd(M, K), weight=rnd(N, K), bias=rnd(N), base=None, lora_A=rnd(R, K), lora_B=rnd(N, R),
+                      rank=rank_of(per_row, M, R), alpha=1.5, need_u=True, dropout_p=p, dropout_seed=seed)
+        results[f"dropout forward {variant} per_row={per_row} p={p}"] = compare(log, "forward", variant, inputs)
+    for variant, frozen, per_row, (cdx, clora) in itertools.product(
+            ("pointer", "tma"), (False, True), (False, True), ((True, True), (True, False), (False, True))):
+        M, K, N, R = 37, 40, 24, 6
+        inputs = dict(grad=rnd(M, N), x=rnd(M, K), weight=rnd(N, K), lora_A=rnd(R, K), lora_B=rnd(N, R),
+                      u=rnd(M, R, dtype=torch.float32), rank=rank_of(per_row, M, R), alpha=0.75, frozen_prefix=frozen,
+                      compute_dx=cdx, compute_lora=clora, dropout_p=0.3, dropout_seed=seed)
+        case = f"dropout backward {variant} frozen={frozen} per_row={per_row} dx={cdx} lora={clora}"
+        results[case] = compare(log, "backward", variant, inputs)
+    M, K, N, R = 300, 40, 24, 9
+    for frozen in (False, True):
+        inputs = dict(grad=rnd(M, N), x=rnd(M, K), weight=rnd(N, K), lora_A=rnd(R, K), lora_B=rnd(N, R),
+                      u=rnd(M, R, dtype=torch.float32), rank=torch.tensor(4), alpha=2.0, frozen_prefix=frozen,
+                      compute_dx=True, compute_lora=True, dropout_p=0.75, dropout_seed=seed)
+        results[f"dropout backward pointer M=300 R=9 frozen={frozen}"] = compare(log, "backward", "pointer", inputs)
     # A TMA config with two programs per SM: 6 tiles of 16 x 16, grid min(2 x SMs, tiles), in C++ as in Python
     import triton
     from dylora_kernels.triton import hopper
@@ -107,6 +128,15 @@ def test_cpp_forward_launches_equal_python(host_results):
 def test_cpp_backward_launches_equal_python(host_results):
     cases = {k: v for k, v in host_results.items() if k.startswith("backward")}
     assert len(cases) == 49
+    bad = {k: v for k, v in cases.items() if v}
+    assert not bad, json.dumps(bad, indent=1)[:6000]
+
+
+def test_cpp_dropout_launches_equal_python(host_results):
+    """Adapter dropout through both launchers: every variant, shared and per-row ranks, p below and above 1/2 in the
+    forward; frozen/full, dx/lora subsets and a split-M reduction in the backward (tma: dx by the pointer kernel)."""
+    cases = {k: v for k, v in host_results.items() if k.startswith("dropout")}
+    assert len(cases) == 12 + 24 + 2
     bad = {k: v for k, v in cases.items() if v}
     assert not bad, json.dumps(bad, indent=1)[:6000]
 

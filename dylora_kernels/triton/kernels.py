@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import dropout_threshold
 from .launch import Launcher
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run on CPU tensors
@@ -161,11 +162,27 @@ _SHARED_MEMORY_OPERANDS = {"fused": ("x_ptr", "z_ptr"), "decode": ("x_ptr", "a_p
                            "grad": ("q_ptr", "p_ptr"), "gemv": ("q_ptr", "p_ptr")}
 
 
+# Under adapter dropout a kernel draws its masked tile's mask (one Philox per element, 64-bit e) beside its
+# accumulator: on sm_90a (tests/sm90_compile.py) the fused dx tiles of 64x128 and more, the gradient's x tiles of
+# 64x128 and more, and the decode kernel's 16x256 x tile spill registers. Largest masked tile per kernel:
+DROPOUT_MAX_TILE = {"fused": 16 * 128, "grad": 64 * 64, "decode": 16 * 128}
+
+
+def dropout_config_ok(kernel: str, config) -> bool:
+    """Whether ``config`` may run ``kernel`` with DROPOUT=True (its masked tile within DROPOUT_MAX_TILE)."""
+    k = config.kwargs
+    tile = k.get("BLOCK_M", DECODE_MAX_M) * k.get("BLOCK_N" if kernel == "fused" else "BLOCK_K", 0)
+    return tile <= DROPOUT_MAX_TILE.get(kernel, tile)
+
+
 def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
     """``_prune``, then only the configs whose shared memory fits the device (``shared_memory`` against
     ``shared_memory_limit``: checked before a config is compiled or tried; the small config when none fits). With
     ``fixed`` (deterministic results) only the first of them: no timing decides."""
     kept = _prune(configs, named_args, **kwargs)
+    if kwargs.get("DROPOUT"):  # only tiles whose mask fits in registers (the BLOCK_M = 16 ones for large shapes)
+        kept = ([c for c in kept if dropout_config_ok(kernel, c)]
+                or [c for c in configs[1:] if dropout_config_ok(kernel, c)] or configs[:1])
     main, side = (named_args[name] for name in _SHARED_MEMORY_OPERANDS[kernel])
     limit = shared_memory_limit(main.device)
     if limit is not None:
@@ -255,7 +272,7 @@ def split_rows(M: int, tiles: int, sms: int) -> tuple[int, int]:
 
 # Sizes that vary from call to call (M, the buckets) are not specialised on, to bound recompilation.
 _jit = triton.jit(do_not_specialize=["M", "M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "rows_per_split",
-                                     "n_parts"])
+                                     "n_parts", "threshold"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +298,19 @@ def _shared_rank(rank_ptr, R):
     b = tl.load(rank_ptr).to(tl.int64)
     ok = (b >= 1) & (b <= R)
     return tl.where(ok, b, 0).to(tl.int32), ok == 0
+
+
+@triton.jit
+def _dropout_keep(seed, offs_m, offs_k, K, threshold):
+    """The adapter-dropout keep mask (rows offs_m × columns offs_k) of x (M, K): element e = m·K + k (64-bit),
+    (r0, r1, r2, r3) = Philox4x32-10 of counter e >> 2 under ``seed`` (``tl.randint4x``), keep = r_{e & 3} ≥
+    threshold (``threshold``: floor(p·2³²) as the launchers pass it, its bits as an int32; see
+    ``dropout_args``). The one definition is ``reference.dropout_keep``."""
+    e = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, e >> 2)
+    lane = e & 3
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return r >= threshold.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -406,21 +436,24 @@ def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@_autotune("shrink", "PER_ROW", "FOLD")
+@_autotune("shrink", "PER_ROW", "FOLD", "DROPOUT")
 @_jit
 def _shrink_kernel(
         # pointers
-        x_ptr, y_ptr, rank_ptr, out_ptr, u_ptr, fold_ptr,
+        x_ptr, y_ptr, rank_ptr, out_ptr, u_ptr, fold_ptr, seed_ptr,
         # sizes
-        M, K, R,
+        M, K, R, threshold,
         # strides
         stride_xm, stride_xk, stride_yr, stride_yk, stride_om, stride_or, stride_um, stride_ur, stride_fp, stride_fk,
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        PER_ROW: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        PER_ROW: tl.constexpr, FOLD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (M, R) fp32 = (X·Yᵀ) ⊙ [j < b_m], NaN rows where b_m is out of range: u = x·A[:b]ᵀ or v = g·B[:, :b].
+
+    DROPOUT (u only, X = x): X's tiles are the adapter-dropout selection keep ⊙ X (``_dropout_keep``), so
+    u = (x ⊙ keep)·A[:b]ᵀ, unscaled (1/(1 − p) is in the alpha of the kernels that read u).
 
     FOLD (v with one shared rank in frozen-prefix mode): the slot-block-0 program of row block p also writes
     fold[p, k] = Σ_{m in block p} (U[m, b-1]/b)·X[m, k], the partial sums of dB's trained column, from the X tiles
@@ -444,6 +477,8 @@ def _shrink_kernel(
     # Y's slots at or beyond r_end are never read. When the slots are Y's contiguous dimension (v: Y = Bᵀ), that
     # element-wise mask rules out asynchronous copies, so the next Y tile is loaded one iteration ahead by hand.
     slots_used = offs_r[None, :] < r_end
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     y_next = tl.load(y_ptrs, mask=(offs_k[:, None] < k_end) & slots_used, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
@@ -452,6 +487,8 @@ def _shrink_kernel(
         y_ptrs += BLOCK_K * stride_yk
         y_next = tl.load(y_ptrs, mask=(offs_k[:, None] < K - k0 - BLOCK_K) & slots_used, other=0.0)
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(_dropout_keep(seed, offs_m, k0 + offs_k, K, threshold), x, 0.0)
         acc = _dot(x, y, acc, PRECISION)
         if FOLD:
             part = tl.sum(w[:, None] * x.to(tl.float32), axis=0)
@@ -465,13 +502,13 @@ def _shrink_kernel(
     tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-@_autotune("fused", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW")
+@_autotune("fused", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "DROPOUT")
 @_jit
 def _fused_linear_kernel(
         # pointers
-        x_ptr, y_ptr, u_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr, out_ptr,
+        x_ptr, y_ptr, u_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr, out_ptr, seed_ptr,
         # sizes
-        M, N, K, R, alpha,
+        M, N, K, R, alpha, threshold,
         # strides
         stride_xm, stride_xk, stride_yn, stride_yk, stride_um, stride_ur, stride_zn, stride_zr,
         stride_bias, stride_basem, stride_basen, stride_om, stride_on,
@@ -479,12 +516,14 @@ def _fused_linear_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + [X·Yᵀ] + [bias] + [base]: the forward y and the backward dx.
 
     X (M, K), Y (N, K), U (M, R) fp32, Z (N, R), base (M, N). The accumulator starts as the low-rank term, the GEMM
     (skipped without a weight) accumulates onto it, bias and base join in the epilogue: out is written once.
+    DROPOUT (the backward dx only: out's columns are x's K): the low-rank seed tile is the selection keep ⊙ seed
+    with x's (M, N) dropout mask before the GEMM accumulates onto it (dx = g·W + keep ⊙ (s_m·v·A[:b])).
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -492,6 +531,8 @@ def _fused_linear_kernel(
     b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
     acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
                         BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+    if DROPOUT:
+        acc = tl.where(_dropout_keep(tl.load(seed_ptr), offs_m, offs_n, N, threshold), acc, 0.0)
     if HAS_W:
         acc = _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
                            stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K, PRECISION)
@@ -501,13 +542,13 @@ def _fused_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@_autotune("decode", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "NEED_U")
+@_autotune("decode", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "NEED_U", "DROPOUT")
 @_jit
 def _decode_kernel(
         # pointers
-        x_ptr, w_ptr, a_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr, out_ptr, u_ptr,
+        x_ptr, w_ptr, a_ptr, z_ptr, bias_ptr, base_ptr, rank_ptr, out_ptr, u_ptr, seed_ptr,
         # sizes
-        M, N, K, R, alpha,
+        M, N, K, R, alpha, threshold,
         # strides
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_zn, stride_zr,
         stride_bias, stride_basem, stride_basen, stride_om, stride_on, stride_um, stride_ur,
@@ -515,12 +556,12 @@ def _decode_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        NEED_U: tl.constexpr, R_CAP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        NEED_U: tl.constexpr, DROPOUT: tl.constexpr, R_CAP: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole forward for M ≤ BLOCK_M rows in one launch, one program per N-tile:
     y = x·Wᵀ + s_m·(u ⊙ [j < b_m])·B[:, :R_CAP]ᵀ + bias + base with u = x·A[:b]ᵀ accumulated in the same K loop
     (every program recomputes u: at this M it costs a re-read of A[:b] from L2, no extra launch, no extra pass over
-    x). Program 0 also writes u (fp32, zero beyond b_m) when NEED_U."""
+    x). Program 0 also writes u (fp32, zero beyond b_m) when NEED_U. DROPOUT: u = (x ⊙ keep)·A[:b]ᵀ (the GEMM sees x)."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -528,6 +569,8 @@ def _decode_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     b, bad = _row_ranks(rank_ptr, offs_m, M, R, PER_ROW)
     r_end = tl.max(b, axis=0)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, R_CAP), dtype=tl.float32)
@@ -542,6 +585,8 @@ def _decode_kernel(
             acc = _dot(x, w, acc, PRECISION)
         a = tl.load(a_ptr + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                     mask=k_in[:, None] & (offs_r[None, :] < r_end), other=0.0)
+        if DROPOUT:
+            x = tl.where(_dropout_keep(seed, offs_m, k, K, threshold), x, 0.0)
         u = _dot(x, a, u, PRECISION)
 
     low_rank = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr,
@@ -556,25 +601,26 @@ def _decode_kernel(
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R) & (pid == 0))
 
 
-@_autotune("grad", "ONE_HOT", "PER_ROW")
+@_autotune("grad", "ONE_HOT", "PER_ROW", "DROPOUT")
 @_jit
 def _lora_grad_kernel(
         # pointers
-        p_ptr, q_ptr, rank_ptr, part_ptr,
+        p_ptr, q_ptr, rank_ptr, part_ptr, seed_ptr,
         # sizes
-        M, K, R, rows_per_split,
+        M, K, R, rows_per_split, threshold,
         # strides
         stride_pm, stride_pr, stride_qm, stride_qk, stride_ws, stride_wr, stride_wk,
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, j, k] (fp32) = Σ_{m in split s} trained(m, j)·(P[m, j]/b_m)·Q[m, k]: one split of dA = (v/b)ᵀ·x or
     dBᵀ = (u/b)ᵀ·g over M (grid: slot blocks × K blocks × splits, so M ≥ 2048 fills the GPU).
 
     P (M, R) fp32, Q (M, K); trained = [j < b_m] (full) or [j == b_m - 1] (ONE_HOT, frozen prefix). A row whose rank
     is out of range turns every slot of its P row into NaN. Every element of the split's partial is written.
+    DROPOUT (dA only, Q = x): Q's tiles are keep ⊙ Q (``_dropout_keep``).
     """
     num_k = tl.cdiv(K, BLOCK_K)
     pid_r, pid_k, pid_s = tl.program_id(0) // num_k, tl.program_id(0) % num_k, tl.program_id(1)
@@ -592,6 +638,8 @@ def _lora_grad_kernel(
         hit = ((first <= shared_b - 1) & (shared_b - 1 < first + BLOCK_R)) if ONE_HOT else (first < shared_b)
         m_stop = tl.where(hit | shared_bad, m_stop, m_start)
 
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_start, m_stop, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -600,6 +648,8 @@ def _lora_grad_kernel(
                     mask=rows & (offs_r[None, :] < R), other=0.0)
         q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :].to(tl.int64) * stride_qk,
                     mask=rows & (offs_k[None, :] < K), other=0.0)
+        if DROPOUT:
+            q = tl.where(_dropout_keep(seed, offs_m, offs_k, K, threshold), q, 0.0)
         b, bad = _row_ranks(rank_ptr, offs_m, m_stop, R, PER_ROW)
         p = tl.where(bad[:, None], float("nan"), _scale_slots(p, offs_r, b, ONE_HOT))
         acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc, input_precision=PRECISION)
@@ -608,22 +658,23 @@ def _lora_grad_kernel(
     tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
 
-@_autotune("gemv")
+@_autotune("gemv", "DROPOUT")
 @_jit
 def _frozen_gemv_kernel(
         # pointers
-        p_ptr, q_ptr, rank_ptr, part_ptr,
+        p_ptr, q_ptr, rank_ptr, part_ptr, seed_ptr,
         # sizes
-        M, K, R, rows_per_split,
+        M, K, R, rows_per_split, threshold,
         # strides
         stride_pm, stride_pr, stride_qm, stride_qk, stride_ws, stride_wk,
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, k] (fp32) = Σ_{m in split s} (P[m, b-1]/b)·Q[m, k] for one shared rank b: one split of the frozen
     prefix's only trained row, dA[b-1] = (v[:, b-1]/b)ᵀ·x (grid: K blocks × splits). One streaming read of Q, no
-    tensor cores (a GEMV). Reads nothing when b is out of range (the finish kernel writes NaN then)."""
+    tensor cores (a GEMV). Reads nothing when b is out of range (the finish kernel writes NaN then). DROPOUT: Q's
+    rows are keep ⊙ Q (Q = x: dA's row of adapter dropout)."""
     pid_k, pid_s = tl.program_id(0), tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     b, bad = _shared_rank(rank_ptr, R)
@@ -636,9 +687,13 @@ def _frozen_gemv_kernel(
     rows = offs_m < m_stop
     w_next = tl.load(w_ptrs, mask=rows, other=0.0)
     q_next = tl.load(q_ptrs, mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_start, m_stop, BLOCK_M):
         w, q = w_next, q_next
+        if DROPOUT:
+            q = tl.where(_dropout_keep(seed, m0 + tl.arange(0, BLOCK_M), offs_k, K, threshold), q, 0.0)
         w_ptrs += BLOCK_M * stride_pm
         q_ptrs += BLOCK_M * stride_qm
         rows = offs_m < m_stop - (m0 - m_start) - BLOCK_M
@@ -724,10 +779,27 @@ def _strides(t: torch.Tensor | None, dims: int = 2) -> tuple[int, ...]:
     return (0,) * dims if t is None else tuple(t.stride())
 
 
-def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True) -> int:
+def dropout_args(p: float, seed: torch.Tensor | None) -> tuple | None:
+    """The launch wrappers' ``dropout`` argument for drop probability p: (seed, threshold) with the seed a 0-d
+    integer tensor on the kernels' device (read on the device: nothing syncs, a CUDA graph replays it) and the
+    threshold floor(p·2³²) (``reference.dropout_threshold``) as the int32 with its bits, so that every p compiles the
+    one binary (an int ≥ 2³¹ would be an i64 argument); None for p = 0 (no dropout: DROPOUT=False)."""
+    if not p:
+        return None
+    threshold = dropout_threshold(p)
+    return seed, threshold - (1 << 32) if threshold >= 1 << 31 else threshold
+
+
+def _dropout(dropout: tuple | None) -> tuple:
+    """(seed_ptr, threshold) runtime arguments of a launch: (None, 0) without dropout."""
+    return (None, 0) if dropout is None else dropout
+
+
+def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True, dropout=None) -> int:
     """out (M, R) fp32 = (x·yᵀ) ⊙ [j < b_m] for x (M, K), y (R, K). With ``fold_u`` (one shared rank) also
     fold[p, k] = Σ_{m in row block p} (fold_u[m, b-1]/b)·x[m, k] for fold (≥ cdiv(M, 16), K) fp32. Returns the
-    number of row blocks written to ``fold`` (0 without it)."""
+    number of row blocks written to ``fold`` (0 without it). ``dropout`` (``dropout_args``; not with fold_u): x is
+    keep ⊙ x."""
     M, K = x.shape
     R = y.shape[0]
     BLOCK_R = block_r(R)
@@ -738,24 +810,29 @@ def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True) 
         return cdiv(M, meta["BLOCK_M"]), cdiv(R, BLOCK_R)
 
     FOLD = fold_u is not None
-    _launcher("shrink", tuned)(grid, (x, y, rank, out, fold_u, fold, M, K, R, *x.stride(), *y.stride(),
-                                      *out.stride(), *_strides(fold_u), *_strides(fold), bucket(M), bucket(R),
-                                      bucket(K), layout(x, y)),
-                               _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, BLOCK_R=BLOCK_R), precision))
+    seed, threshold = _dropout(dropout)
+    _launcher("shrink", tuned)(grid, (x, y, rank, out, fold_u, fold, seed, M, K, R, threshold, *x.stride(),
+                                      *y.stride(), *out.stride(), *_strides(fold_u), *_strides(fold), bucket(M),
+                                      bucket(R), bucket(K), layout(x, y)),
+                               _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, DROPOUT=dropout is not None,
+                                             BLOCK_R=BLOCK_R), precision))
     return cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
-def fused_linear(x, y, bias, base, u, z, rank, alpha, out, precision=None, tuned=True) -> torch.Tensor:
+def fused_linear(x, y, bias, base, u, z, rank, alpha, out, precision=None, tuned=True, dropout=None) -> torch.Tensor:
     """out (M, N) = (alpha/b_m)·(u ⊙ [j < b_m])·zᵀ + [x·yᵀ] + [bias] + [base] for x (M, K), y (N, K) or None,
-    u (M, R), z (N, R), base (M, N) or None."""
+    u (M, R), z (N, R), base (M, N) or None. ``dropout`` (``dropout_args``; the backward dx, out of the shape of the
+    forward's x): the low-rank term is keep ⊙ term under out's (M, N) mask."""
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _launcher("fused", tuned)(grid, (x, y, u, z, bias, base, rank, out, M, N, K, R, float(alpha),
+    seed, threshold = _dropout(dropout)
+    _launcher("fused", tuned)(grid, (x, y, u, z, bias, base, rank, out, seed, M, N, K, R, float(alpha), threshold,
                                      *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
                                      *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
                               _options(dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                                            PER_ROW=rank.dim() == 1, BLOCK_R=seed_block_r(R)), precision))
+                                            PER_ROW=rank.dim() == 1, DROPOUT=dropout is not None,
+                                            BLOCK_R=seed_block_r(R)), precision))
     return out
 
 
@@ -764,19 +841,21 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out, precision=None, tuned
 DECODE_MAX_M, DECODE_MAX_R = 16, 64
 
 
-def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u, precision=None, tuned=True) -> torch.Tensor:
+def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u, precision=None, tuned=True,
+                  dropout=None) -> torch.Tensor:
     """out (M ≤ 16, N) = x·wᵀ + (alpha/b_m)·(x·aᵀ ⊙ [j < b_m])·zᵀ + [bias] + [base] in one launch; writes u
-    (M, R) fp32 when it is not None."""
+    (M, R) fp32 when it is not None. ``dropout`` (``dropout_args``): u = (keep ⊙ x)·aᵀ."""
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]),)
-    _launcher("decode", tuned)(grid, (x, w, a, z, bias, base, rank, out, u, M, N, K, R, float(alpha),
+    seed, threshold = _dropout(dropout)
+    _launcher("decode", tuned)(grid, (x, w, a, z, bias, base, rank, out, u, seed, M, N, K, R, float(alpha), threshold,
                                       *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
                                       *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
                                       layout(x, w, a, z)),
                                _options(dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
                                              PER_ROW=rank.dim() == 1, NEED_U=u is not None,
-                                             R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M), precision))
+                                             DROPOUT=dropout is not None, R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M), precision))
     return out
 
 
@@ -806,29 +885,34 @@ def finish(part, n_parts, rank, alpha, one_slot, out) -> torch.Tensor:
     return out
 
 
-def lora_grad(p, q, rank, alpha, frozen_prefix, out, precision=None, tuned=True) -> torch.Tensor:
+def lora_grad(p, q, rank, alpha, frozen_prefix, out, precision=None, tuned=True, dropout=None) -> torch.Tensor:
     """out (R, K) = Σ_m (alpha/b_m)·trained(m, j)·p[m, j]·q[m, k] for p (M, R) fp32, q (M, K): fp32 partials over
-    splits of M, then the fixed-order reduction (deterministic for a given M, device and config)."""
+    splits of M, then the fixed-order reduction (deterministic for a given M, device and config). ``dropout``
+    (``dropout_args``; dA, q = x): q is keep ⊙ q."""
     M, K = q.shape
     R = p.shape[1]
     BLOCK_R = block_r(R)
     splits, rows = split_rows(M, cdiv(R, BLOCK_R) * cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(R, BLOCK_R) * cdiv(K, meta["BLOCK_K"]), splits)
-    _launcher("grad", tuned)(grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                                    bucket(M), bucket(R), bucket(K), layout(p, q)),
-                             _options(dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, BLOCK_R=BLOCK_R),
-                                      precision))
+    seed, threshold = _dropout(dropout)
+    _launcher("grad", tuned)(grid, (p, q, rank, part, seed, M, K, R, rows, threshold, *p.stride(), *q.stride(),
+                                    *part.stride(), bucket(M), bucket(R), bucket(K), layout(p, q)),
+                             _options(dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1,
+                                           DROPOUT=dropout is not None, BLOCK_R=BLOCK_R), precision))
     return finish(part, splits, rank, alpha, False, out)
 
 
-def frozen_grad(p, q, rank, alpha, out, tuned=True) -> torch.Tensor:
-    """out (R, K): row b-1 = (alpha/b)·p[:, b-1]ᵀ·q for one shared rank b, every other row exactly 0."""
+def frozen_grad(p, q, rank, alpha, out, tuned=True, dropout=None) -> torch.Tensor:
+    """out (R, K): row b-1 = (alpha/b)·p[:, b-1]ᵀ·q for one shared rank b, every other row exactly 0. ``dropout``
+    (``dropout_args``; q = x): q is keep ⊙ q."""
     M, K = q.shape
     R = p.shape[1]
     splits, rows = split_rows(M, cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), splits)
-    _launcher("gemv", tuned)(grid, (p, q, rank, part, M, K, R, rows, *p.stride(), *q.stride(), *part.stride(),
-                                    bucket(M), bucket(R), bucket(K), layout(p, q)), {})
+    seed, threshold = _dropout(dropout)
+    _launcher("gemv", tuned)(grid, (p, q, rank, part, seed, M, K, R, rows, threshold, *p.stride(), *q.stride(),
+                                    *part.stride(), bucket(M), bucket(R), bucket(K), layout(p, q)),
+                             dict(DROPOUT=dropout is not None))
     return finish(part, splits, rank, alpha, True, out)
