@@ -2,6 +2,7 @@
 naive slicing (reference.dylora_conv) and LyCORIS's DyLoraModule (lycoris-lora 4.1.3, block_size = 1).
 
     python bench/bench_conv.py [--batch 4] [--size 64] [--channels 320] [--r-max 32] [--rank 16] [--rounds 5]
+                               [--channels-last]
 
 Every method runs once per round, interleaved (same data, same rank), after one warm-up round;
 medians of the rounds. fp32, frozen base weight and bias, x requiring grad (a layer inside a network);
@@ -29,13 +30,16 @@ def main():
     p.add_argument("--r-max", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--channels-last", action="store_true", help="x (and so y) in channels-last memory")
     args = p.parse_args()
     C, b, r_max, alpha = args.channels, args.rank, args.r_max, 16.0
     torch.manual_seed(0)
     conv = nn.Conv2d(C, C, 3, padding=1).requires_grad_(False)
     A = (torch.randn(r_max, C, 3, 3) / (9 * C) ** 0.5).requires_grad_()
     B = (torch.randn(C, r_max) / r_max ** 0.5).requires_grad_()
-    x = torch.randn(args.batch, C, args.size, args.size, requires_grad=True)
+    x = torch.randn(args.batch, C, args.size, args.size)
+    x = x.contiguous(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    x.requires_grad_()
     g = torch.randn(args.batch, C, args.size, args.size)
     geo = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
 
@@ -74,7 +78,7 @@ def main():
     leaves = [x, A, B] + (list(lycoris.parameters()) if lycoris is not None else [])
     med = interleaved_medians(methods, leaves, g, args.rounds)
     print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; conv {C}→{C} 3×3 pad 1, x ({args.batch}, {C}, {args.size}, {args.size}) fp32, "
+          f"{torch.__version__}; conv {C}→{C} 3×3 pad 1, x ({args.batch}, {C}, {args.size}, {args.size}) fp32{' channels-last' if args.channels_last else ''}, "
           f"r_max = {r_max}, b = {b}; medians of {args.rounds} interleaved rounds\n")
     print("| method | forward ms | × F.conv2d | fwd+bwd ms | × F.conv2d |")
     print("|---|---|---|---|---|")

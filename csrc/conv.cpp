@@ -186,6 +186,31 @@ Tensor assemble(const Tensor& y_base, const optional<Tensor>& bias, const option
   return low;
 }
 
+// (n·pixels, channels) as a view of a channels-last t (n, channels, *pixels) — a convolution of a channels-last x
+// keeps that layout — or nullopt when t's memory is not laid out that way.
+optional<Tensor> pixel_rows(const Tensor& t) {
+  const Tensor last = t.movedim(1, -1);  // (n, *pixels, channels)
+  if (last.stride(-1) != 1) return std::nullopt;
+  for (int64_t i = 0; i + 2 < last.dim(); ++i) {
+    if (last.size(i) != 1 && last.stride(i) != last.stride(i + 1) * last.size(i + 1)) return std::nullopt;
+  }
+  return last.as_strided({t.numel() / t.size(1), t.size(1)}, {last.stride(-2), 1});
+}
+
+// y_base + p·B_matᵀ as ONE GEMM over the pixels, for channels-last y_base and p (B_mat (C_out, r) scaled):
+// (n·pixels, C_out) = (n·pixels, C_out) + (n·pixels, r)·(r, C_out), written once into a new channels-last y. The
+// 1×1 convolution it replaces is the same GEMM, but writes its output for `assemble` to read and add: this saves
+// a write and a read of a y-sized tensor. nullopt (the caller convolves) when either is not channels-last.
+optional<Tensor> channels_last_expand(const Tensor& y_base, const Tensor& p, const Tensor& B_mat) {
+  const auto y_rows = pixel_rows(y_base), p_rows = pixel_rows(p);
+  if (!y_rows.has_value() || !p_rows.has_value() || y_base.numel() == 0) return std::nullopt;
+  const Tensor y = at::addmm(*y_rows, *p_rows, B_mat.t());  // (n·pixels, C_out), contiguous
+  std::vector<int64_t> shape{y_base.size(0)};
+  for (int64_t i = 2; i < y_base.dim(); ++i) shape.push_back(y_base.size(i));
+  shape.push_back(y_base.size(1));
+  return y.view(shape).movedim(-1, 1);
+}
+
 // Pads u (N, width, *) with zero channels to (N, r_max, *): the saved u has a shape the rank does not decide
 // (and is never a view of the forward's wide output, which would stay alive with it).
 Tensor pad_slots(const Tensor& u, int64_t r_max) {
@@ -211,18 +236,24 @@ std::tuple<Tensor, Tensor> conv_forward_path(const Tensor& x, const optional<Ten
   const auto dtype = x.scalar_type();
   const int64_t r_max = lora_A.size(0), dims = geo.dims();
   const Ranks r = read_ranks(rank, r_max, alpha, x, device_path);
-  Tensor y_base, u, low;
+  Tensor y_base, u, p, B_mat;
   if (r.single) {  // slices; α/b rides on B's slice (C_out × b elements, it only shrinks them)
     std::tie(y_base, u) = base_and_u(x, weight, bias, lora_A.narrow(0, 0, r.b).to(dtype), geo);
-    const Tensor B_s = lora_B.narrow(1, 0, r.b).to(accumulator(x)).mul(alpha / r.b).to(dtype);
-    low = conv(u, as_1x1(B_s, dims), std::nullopt, unit_geometry(dims));
+    p = u;
+    B_mat = lora_B.narrow(1, 0, r.b).to(accumulator(x)).mul(alpha / r.b).to(dtype);
   } else {
     std::tie(y_base, u) = base_and_u(x, weight, bias, adapter_slots(lora_A, 0, r, dtype), geo);
     u = at::where(per_channel(r.used, dims), u, 0);
-    const Tensor p = select_scaled(u, r.used, r.scale, dims);
-    low = conv(p, as_1x1(adapter_slots(lora_B, 1, r, dtype), dims), std::nullopt, unit_geometry(dims));
+    p = select_scaled(u, r.used, r.scale, dims);
+    B_mat = adapter_slots(lora_B, 1, r, dtype);
   }
-  Tensor y = assemble(y_base, bias, base, low, dims);
+  Tensor y;
+  if (auto expanded = y_base.defined() ? channels_last_expand(y_base, p, B_mat) : std::nullopt) {
+    y = *expanded;
+    if (base.has_value()) y.add_(*base);
+  } else {
+    y = assemble(y_base, bias, base, conv(p, as_1x1(B_mat, dims), std::nullopt, unit_geometry(dims)), dims);
+  }
   return {y, need_u ? pad_slots(u, r_max) : at::empty({0}, x.options())};
 }
 

@@ -377,9 +377,16 @@ def check_shared_memory(archs, quick: bool) -> int:
                 continue  # TMA: sm_90a only; finish: not autotuned (a few KiB); --quick: the kernels near a limit
             for dtype, precision in [(d, p) for d in (("fp32", "bf16+fp32 adapters") if quick else DTYPES)
                                      for p in (("ieee",) if quick else ("tf32", "ieee") if d != "bf16" else ("tf32",))]:
+                # The rule is for launches without dropout; with DROPOUT (not --quick) the configs that run under it
+                # must agree with the rule about fitting too (the mask's tile adds a little scratch).
+                flag_variants = [{**flag_sets[1], "DROPOUT": False, "seed_ptr": None}
+                                 if "DROPOUT" in flag_sets[1] else flag_sets[1]]
+                if flag_sets[1].get("DROPOUT") and not quick:
+                    flag_variants.append(flag_sets[1])
                 for layout, layout_fixed in list(layouts.items())[:1 if quick else None]:
-                    for config in configs:
-                        fixed = {**flag_sets[1], **layout_fixed, "PRECISION": precision}
+                    for flags, config in [(f, c) for f in flag_variants for c in configs
+                                          if not f.get("DROPOUT") or kernels.dropout_config_ok(name, c)]:
+                        fixed = {**flags, **layout_fixed, "PRECISION": precision}
                         smem = compile_one(tuner, pointers, fixed, config, dtype, target).metadata.shared
                         rule = kernels.shared_memory(name, config, *SIZES[dtype], R_MAX, precision)
                         fits = " ".join(f"{limit // 1024}K:{'y' if smem <= limit else 'n'}"
@@ -387,7 +394,8 @@ def check_shared_memory(archs, quick: bool) -> int:
                         wrong = [limit // 1024 for limit in set(ARCH_LIMITS.values())
                                  if (smem <= limit) != (rule <= limit)]
                         failures += bool(wrong)
-                        print(f"sm_{arch} {name:6} {layout:5} {dtype} {precision} {config.kwargs} "
+                        print(f"sm_{arch} {name:6} {layout:5} {dtype} {precision}"
+                              f"{' DROPOUT' if flags.get('DROPOUT') else ''} {config.kwargs} "
                               f"stages={config.num_stages}: "
                               f"smem {smem // 1024} KiB (rule {rule // 1024} KiB) fits {fits}"
                               + (f"  FAIL: the rule disagrees at {wrong} KiB" if wrong else ""), flush=True)

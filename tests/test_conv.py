@@ -104,6 +104,37 @@ def test_matches_float64_reference(dtype, case, rank_kind, frozen):
     assert dA[~untouched].abs().sum() > 0 and dB[:, ~untouched].abs().sum() > 0
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=["2d", "2d-strided", "3d"])
+@pytest.mark.parametrize("rank_kind", ["1", "per_sample"])
+@pytest.mark.parametrize("device_path", [False, True], ids=["host-rank", "device-rank"])
+def test_channels_last_input(case, rank_kind, device_path):
+    """A channels-last x (as diffusion UNets run): the convolution keeps the layout and the 1×1 expand runs as one
+    GEMM over the pixels into y (conv.cpp: channels_last_expand); y (with and without a base) equals the float64
+    reference, NaN in unused slots never leaks, and y comes out channels-last wherever ATen's convolution keeps x's
+    layout."""
+    ours, ref, geo = make(case, torch.float64)
+    fmt = torch.channels_last if len(case[0]) == 4 else torch.channels_last_3d
+    x = ours["x"].detach().contiguous(memory_format=fmt)
+    W, bias, A, B = (ours[n] for n in ("weight", "bias", "lora_A", "lora_B"))
+    A, B = A.detach(), B.detach()
+    rank = pick_rank(rank_kind, case[6], case[0][0])
+    rank = rank if isinstance(rank, torch.Tensor) or not device_path else torch.tensor(rank)
+    poison_unused({"lora_A": A, "lora_B": B}, rank)
+    args = (geo["stride"], geo["padding"], geo["dilation"])
+    y, u = _C.conv_forward(x, W, bias, None, A, B, rank if isinstance(rank, torch.Tensor) else torch.tensor(rank),
+                           2.5, *args, True, device_path)
+    expected = reference.dylora_conv(ref["x"], ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], rank, 2.5,
+                                     *args, False)
+    conv = (torch.nn.functional.conv2d if len(case[0]) == 4 else torch.nn.functional.conv3d)
+    keeps_layout = conv(x, W, None, *args).is_contiguous(memory_format=fmt)  # ATen's choice (3-d fp64 CPU: no)
+    assert y.is_contiguous(memory_format=fmt) == keeps_layout and torch.isfinite(y).all()
+    assert rel_err(y, expected) <= 1e-12
+    base = torch.randn(expected.shape, dtype=torch.float64)  # and with a base output added
+    y_base, _ = _C.conv_forward(x, W, bias, base, A, B, rank if isinstance(rank, torch.Tensor) else torch.tensor(rank),
+                                2.5, *args, False, device_path)
+    assert rel_err(y_base, expected + base) <= 1e-12
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["2d", "2d-strided", "1d"])
 @pytest.mark.parametrize("rank_kind", ["mid", "per_sample"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["full", "frozen"])
