@@ -42,10 +42,29 @@ def median_ms(fn, wall_clock: bool = False, **do_bench):
     return triton.testing.do_bench(fn, return_mode="median", **do_bench)
 
 
-def interleaved_medians(methods: dict, leaves, grad, rounds: int) -> dict:
-    """CPU timing of several methods on the same data: every method once per round (a no-grad forward, then a
-    forward + backward of ``grad`` with the ``leaves``' gradients cleared), interleaved so that the machine's drift
-    spreads over all of them, after a warm-up round. Returns {(name, "forward" | "fwd+bwd"): median seconds}."""
+def medians(methods: dict, leaves, grad, rounds: int) -> dict:
+    """Timing of several methods on the same data, each a no-grad forward and a forward + backward of ``grad`` (the
+    ``leaves``' gradients cleared first): {(name, "forward" | "fwd+bwd"): median seconds}. CUDA (``grad`` there):
+    triton.testing.do_bench per method and mode. CPU: every method once per round, interleaved so that the machine's
+    drift spreads over all of them, after a warm-up round."""
+    if grad.is_cuda:
+        import triton.testing
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    fn()
+            return run
+
+        def fwd_bwd(fn):
+            def run():
+                for t in leaves:
+                    t.grad = None
+                fn().backward(grad)
+            return run
+
+        return {(name, mode): triton.testing.do_bench(wrap(fn), return_mode="median") / 1e3
+                for name, fn in methods.items() for mode, wrap in (("forward", no_grad), ("fwd+bwd", fwd_bwd))}
     times = {(name, mode): [] for name in methods for mode in ("forward", "fwd+bwd")}
     for r in range(rounds + 1):
         for name, fn in methods.items():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import dylora_kernels as dk
-from baselines import interleaved_medians
+from baselines import medians
 
 
 def methods(x, W, bias, A, B, b, alpha, p):
@@ -35,29 +35,6 @@ def methods(x, W, bias, A, B, b, alpha, p):
                                                 base=F.linear(x, W, bias)),
         "naive + dropout": lambda: F.linear(x, W, bias) + s * (F.dropout(x, p) @ A[:b].t()) @ B[:, :b].t(),
     }
-
-
-def time_cuda(fns, leaves, g):
-    import triton.testing
-
-    def fwd_bwd(fn):
-        def run():
-            for t in leaves:
-                t.grad = None
-            fn().backward(g)
-        return run
-
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
-    out = {}
-    for name, fn in fns.items():
-        out[(name, "forward")] = triton.testing.do_bench(no_grad(fn), return_mode="median")
-        out[(name, "fwd+bwd")] = triton.testing.do_bench(fwd_bwd(fn), return_mode="median")
-    return out
 
 
 def main():
@@ -87,8 +64,7 @@ def main():
         x = torch.randn(M, K).to(device, dtype).requires_grad_()
         g = torch.randn(M, N).to(device, dtype)
         fns = methods(x, W, bias, A, B, args.rank, 16.0, args.p)
-        med = (time_cuda(fns, [x, A, B], g) if device.type == "cuda"
-               else {k: v * 1e3 for k, v in interleaved_medians(fns, [x, A, B], g, args.rounds).items()})
+        med = {k: v * 1e3 for k, v in medians(fns, [x, A, B], g, args.rounds).items()}
         for name in fns:
             f, fb = med[(name, "forward")], med[(name, "fwd+bwd")]
             print(f"| {shape} | {name} | {f:.3f} | {f / med[('F.linear alone', 'forward')]:.3f} | {fb:.3f} | "

@@ -7,8 +7,9 @@
 #   sanitize   compute-sanitizer memcheck over a small forward/backward of every plan kind        SANITIZE 45
 #   kernels    bench/bench_kernels.py --quick (each kernel's device time, TMA configs)            KERNELS  45
 #   bench      bench/bench_gpu.py --quick, then --int-rank                                        BENCH    90
-#   dropout    bench/bench_dropout.py on CUDA, bf16 (fused adapter dropout vs dropout + op)       DROPOUT  35
-#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E      95
+#   layers     bench/bench_dropout.py and bench/bench_conv.py on CUDA, bf16 (fused adapter dropout  LAYERS   45
+#              vs dropout + op; the conv op, NCHW and channels-last, vs F.conv2d and LyCORIS)
+#   e2e        bench/bench_e2e.py --gpu-quick (training steps on the paper's models)              E2E      85
 # The limits add up to 9 minutes (a step that ends early passes nothing on): one call of at most 10 minutes;
 # with the machine's start, what is left of the 15 minutes of device time allows a shorter second call.
 # Logs and results go to $OUT (default bench/out); a digest of every step is printed last. If the extension
@@ -68,16 +69,17 @@ else
 fi
 run kernels "$(limit KERNELS 45)" kernels.log "$PY" bench/bench_kernels.py --quick
 run bench "$(limit BENCH 90)" bench.log bash -c "'$PY' bench/bench_gpu.py --quick --out '$OUT' && '$PY' bench/bench_gpu.py --quick --int-rank --out '$OUT/int_rank'"
-run dropout "$(limit DROPOUT 35)" dropout.log "$PY" bench/bench_dropout.py --device cuda --dtype bfloat16 \
-    --shapes 8192x4096x4096,1024x768x768 --r-max 64 --rank 32
+run layers "$(limit LAYERS 45)" layers.log bash -c "'$PY' bench/bench_dropout.py --device cuda --dtype bfloat16 \
+    --shapes 8192x4096x4096,1024x768x768 --r-max 64 --rank 32 && for layout in '' --channels-last; do \
+    '$PY' bench/bench_conv.py --device cuda --dtype bfloat16 \$layout || exit 1; done"
 if [ -f bench/bench_e2e.py ]; then
-    run e2e "$(limit E2E 95)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT"
+    run e2e "$(limit E2E 85)" e2e.log "$PY" bench/bench_e2e.py --gpu-quick --out "$OUT"
 fi
 
 echo
 [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
 [ -f "$OUT/bench_e2e.md" ] && { echo; cat "$OUT/bench_e2e.md"; }
-grep "^|" "$OUT/dropout.log" 2>/dev/null
+grep -E "^\||^(NVIDIA|CPU)" "$OUT/layers.log" 2>/dev/null
 echo
 stamp "digest"
 printf '  %s\n' "${DIGEST[@]}"
