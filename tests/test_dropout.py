@@ -319,3 +319,28 @@ def test_inject_with_dropout():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match="linear layers only"):
         dylora_kernels.inject(conv, ["0"], r_max=2, alpha=1.0, dropout=0.1)
+
+
+@needs_ext
+def test_no_mask_and_no_dropped_copy_is_saved_for_backward():
+    """What autograd keeps between forward and backward (saved_tensors_hooks): the fused op saves x, the adapters, u,
+    the rank and the seed — no (M, K) mask and no dropout(x); dropout + op saves both (PEFT's lora_dropout path).
+    Saving x itself keeps a reference to the layer's input (no new memory where the model keeps it anyway, as when
+    q, k and v share it); the mask and dropout(x) are new tensors of x's size."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, requires_grad=True)
+    W, A, B = torch.randn(40, 48), torch.randn(8, 48, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+
+    def saved(fn):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            fn().sum().backward()
+        return kept
+
+    fused = saved(lambda: dylora_kernels.dylora_linear(x, W, None, A, B, 4, 8.0, dropout_p=0.2))
+    peer = saved(lambda: dylora_kernels.dylora_delta(torch.nn.functional.dropout(x, 0.2), A, B, 4, 8.0,
+                                                     base=torch.nn.functional.linear(x, W)))
+    x_sized = lambda ts: [t for t in ts if t.shape == x.shape]
+    assert len(x_sized(fused)) == 1 and x_sized(fused)[0] is x  # x itself, nothing derived from it
+    assert len(x_sized(peer)) >= 2  # dropout's mask (bool on CUDA, x's dtype on CPU) and dropout(x)
+    assert all(t is not x for t in x_sized(peer))  # both new tensors
