@@ -123,12 +123,15 @@ int64_t layout_code(std::initializer_list<const at::Tensor*> tensors) {
 }
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
-// kernels.dropout_args / _dropout: the (seed_ptr, threshold) runtime arguments and the DROPOUT constexpr of a launch.
+// kernels.dropout_args / _dropout: the (seed_ptr, threshold) runtime arguments and the DROPOUT constexpr of a launch
+// (and DROPOUT_VEC4, kernels._vec4).
 // The threshold floor(p·2³²) travels as the int32 with its bits (every p: one binary); none and 0 without dropout.
 struct Drop {
   const at::Tensor* seed = nullptr;  // nullptr: DROPOUT=False
   int64_t threshold = 0;
   bool on() const { return seed != nullptr; }
+  // kernels._vec4: DROPOUT_VEC4 of a launch whose mask has k columns (one Philox call per 4 elements when k % 4 == 0)
+  bool vec4(int64_t k) const { return on() && k % 4 == 0; }
 };
 Drop drop_of(double p, const std::optional<at::Tensor>& seed) {
   if (!(p > 0)) return {};
@@ -266,7 +269,7 @@ struct Launch {
   Step step = kShrink;
   std::array<Arg, 48> args;
   int n = 0;
-  std::array<std::pair<const char*, int64_t>, 10> constexprs;  // name, value (flags: 0/1)
+  std::array<std::pair<const char*, int64_t>, 12> constexprs;  // name, value (flags: 0/1)
   uint32_t bool_mask = 0;                                       // which constexprs are Python bools
   uint32_t text_mask = 0;  // which are strings: index into kTexts (PRECISION: "tf32" or "ieee")
   int nc = 0;
@@ -655,6 +658,7 @@ int64_t shrink(Calls& c, const at::Tensor& x, const at::Tensor& y, const at::Ten
   l.strides(x).strides(y).strides(out).strides(fold_u, 2).strides(fold, 2);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&x, &y}));
   l.flag("PER_ROW", rank.dim() == 1).flag("FOLD", fold_u != nullptr).flag("DROPOUT", drop.on());
+  l.flag("DROPOUT_VEC4", drop.vec4(K));
   l.value("BLOCK_R", BLOCK_R);
   l.text("PRECISION", c.plan.precision);
   const Binary* b = c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m), cdiv(R, BLOCK_R)); });
@@ -674,7 +678,8 @@ void fused_linear(Calls& c, const at::Tensor& x, const at::Tensor* y, const at::
   l.strides(x).strides(y, 2).strides(u).strides(z).strides(bias, 1).strides(base, 2).strides(out);
   l << integer(bucket(M)) << integer(bucket(N)) << integer(bucket(K)) << integer(layout_code({&x, y, &z}));
   l.flag("HAS_W", y != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
-  l.flag("PER_ROW", rank.dim() == 1).flag("DROPOUT", drop.on()).value("BLOCK_R", seed_block_r(R));
+  l.flag("PER_ROW", rank.dim() == 1).flag("DROPOUT", drop.on()).flag("DROPOUT_VEC4", drop.vec4(N));
+  l.value("BLOCK_R", seed_block_r(R));
   l.text("PRECISION", c.plan.precision);
   c.add([&](const Binary& b) { return grid3(cdiv(M, b.block_m) * cdiv(N, b.block_n)); });
 }
@@ -694,6 +699,7 @@ void decode_linear(Calls& c, const at::Tensor& x, const at::Tensor* w, const at:
   l << integer(bucket(M)) << integer(bucket(N)) << integer(bucket(K)) << integer(layout_code({&x, w, &a, &z}));
   l.flag("HAS_W", w != nullptr).flag("HAS_BIAS", bias != nullptr).flag("HAS_BASE", base != nullptr);
   l.flag("PER_ROW", rank.dim() == 1).flag("NEED_U", u != nullptr).flag("DROPOUT", drop.on());
+  l.flag("DROPOUT_VEC4", drop.vec4(K));
   l.value("R_CAP", next_power_of_2(std::max<int64_t>(16, R))).value("BLOCK_M", kDecodeMaxM);
   l.text("PRECISION", c.plan.precision);
   c.add([&](const Binary& b) { return grid3(cdiv(N, b.block_n)); });
@@ -737,9 +743,10 @@ void grad_of(Calls& c, bool gemv, const at::Tensor& p, const at::Tensor& q, cons
   l.strides(p).strides(q).strides(part);
   l << integer(bucket(M)) << integer(bucket(R)) << integer(bucket(K)) << integer(layout_code({&p, &q}));
   if (gemv) {
-    l.flag("DROPOUT", drop.on());
+    l.flag("DROPOUT", drop.on()).flag("DROPOUT_VEC4", drop.vec4(K));
   } else {
     l.flag("ONE_HOT", frozen_prefix).flag("PER_ROW", rank.dim() == 1).flag("DROPOUT", drop.on());
+    l.flag("DROPOUT_VEC4", drop.vec4(K));
     l.value("BLOCK_R", BLOCK_R).text("PRECISION", c.plan.precision);
   }
   int64_t r_tiles = gemv ? 1 : cdiv(R, BLOCK_R);

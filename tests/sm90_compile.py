@@ -83,11 +83,12 @@ KERNELS = {
               P(x_ptr="x", y_ptr="x", u_ptr="*fp32", z_ptr="a", bias_ptr="x", base_ptr="x", rank_ptr="*i64",
                 out_ptr="x", seed_ptr="*i64"),
               {"y": P(stride_xk=1, stride_yk=1, stride_ur=1, stride_zr=1, stride_bias=1, stride_basen=1, stride_on=1,
-                      DROPOUT=False, seed_ptr=None),
+                      DROPOUT=False, DROPOUT_VEC4=False, seed_ptr=None),
                "dx": P(stride_xk=1, stride_yn=1, stride_ur=1, stride_zn=1, stride_on=1, HAS_BIAS=False,
                        HAS_BASE=False, bias_ptr=None, base_ptr=None)},
-              (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False, DROPOUT=False, seed_ptr=None),
-               P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True, DROPOUT=True)),
+              (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False, DROPOUT=False, DROPOUT_VEC4=False,
+                 seed_ptr=None),
+               P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True, DROPOUT=True, DROPOUT_VEC4=True)),
               "async"),
     "tma": (hopper._fused_linear_tma_kernel, kernels._configs("tma"),
             P(u_ptr="*fp32", z_ptr="a", bias_ptr="x", base_ptr="x", rank_ptr="*i64"),
@@ -101,29 +102,32 @@ KERNELS = {
                  seed_ptr="*i64"),
                {"u": P(stride_xk=1, stride_yk=1, stride_or=1, FOLD=False, u_ptr=None, fold_ptr=None),
                 "v": P(stride_xk=1, stride_yr=1, stride_or=1, stride_ur=1, stride_fk=1, DROPOUT=False,
-                       seed_ptr=None)},
-               (P(PER_ROW=True, FOLD=False, DROPOUT=False, u_ptr=None, fold_ptr=None, seed_ptr=None),
-                P(PER_ROW=False, FOLD=True, DROPOUT=True)),
+                       DROPOUT_VEC4=False, seed_ptr=None)},
+               (P(PER_ROW=True, FOLD=False, DROPOUT=False, DROPOUT_VEC4=False, u_ptr=None, fold_ptr=None,
+                  seed_ptr=None),
+                P(PER_ROW=False, FOLD=True, DROPOUT=True, DROPOUT_VEC4=True)),
                "async+prefetch"),
     "decode": (kernels._decode_kernel, kernels._configs("decode"),
                P(x_ptr="x", w_ptr="x", a_ptr="a", z_ptr="a", bias_ptr="x", base_ptr="x", rank_ptr="*i64",
                  out_ptr="x", u_ptr="*fp32", seed_ptr="*i64"),
                {"y": P(stride_xk=1, stride_wk=1, stride_ak=1, stride_zr=1, stride_bias=1, stride_basen=1,
                        stride_on=1, stride_ur=1, BLOCK_M=16)},
-               (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False, NEED_U=False, DROPOUT=False, u_ptr=None,
-                  seed_ptr=None),
-                P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True, NEED_U=True, DROPOUT=True)),
+               (P(HAS_W=True, HAS_BIAS=False, HAS_BASE=False, PER_ROW=False, NEED_U=False, DROPOUT=False,
+                  DROPOUT_VEC4=False, u_ptr=None, seed_ptr=None),
+                P(HAS_W=True, HAS_BIAS=True, HAS_BASE=True, PER_ROW=True, NEED_U=True, DROPOUT=True,
+                  DROPOUT_VEC4=True)),
                "async"),
     "grad": (kernels._lora_grad_kernel, kernels._configs("grad"),
              P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32", seed_ptr="*i64"),
              {"dA/dB": P(stride_pr=1, stride_qk=1, stride_wk=1)},
              # the launchers' two extremes (dB: no dropout; dA with dropout)
-             (P(ONE_HOT=True, PER_ROW=True, DROPOUT=False, seed_ptr=None), P(ONE_HOT=False, PER_ROW=False, DROPOUT=True)),
+             (P(ONE_HOT=True, PER_ROW=True, DROPOUT=False, DROPOUT_VEC4=False, seed_ptr=None),
+              P(ONE_HOT=False, PER_ROW=False, DROPOUT=True, DROPOUT_VEC4=True)),
              "async"),
     "gemv": (kernels._frozen_gemv_kernel, kernels._configs("gemv"),
              P(p_ptr="*fp32", q_ptr="x", rank_ptr="*i64", part_ptr="*fp32", seed_ptr="*i64"),
              {"dA": P(stride_pr=1, stride_qk=1, stride_wk=1)},
-             (P(DROPOUT=False, seed_ptr=None), P(DROPOUT=True)),
+             (P(DROPOUT=False, DROPOUT_VEC4=False, seed_ptr=None), P(DROPOUT=True, DROPOUT_VEC4=True)),
              "prefetch"),
     "finish": (kernels._finish_kernel,  # the launcher's blocks at r_max 64 and 16 (BLOCK_S: compile_one)
                [triton.Config(dict(zip(("BLOCK_R", "BLOCK_K"), kernels.finish_blocks(R, False)[:2])))
@@ -260,11 +264,14 @@ def jobs(quick: bool):
                 continue  # the TMA variant is offered for 16-bit inputs only
             # bf16: the lightest and the heaviest flags; fp32 and fp32 adapters: the heaviest
             flags = flag_sets if dtype == "bf16" and not quick and flag_sets[0] != flag_sets[1] else flag_sets[1:]
+            if flag_sets[1].get("DROPOUT_VEC4") and not quick:  # also one Philox call per element (K % 4 != 0)
+                flags = [*flags, {**flag_sets[1], "DROPOUT_VEC4": False}]
             for layout, layout_fixed in layouts.items():
                 for flag in flags:
                     fixed = {**flag, **layout_fixed}
-                    # pruned under DROPOUT (kernels._prune_for): never runs
-                    runs = [c for c in configs if not fixed.get("DROPOUT") or kernels.dropout_config_ok(name, c)]
+                    # pruned under DROPOUT (kernels._prune_for, per DROPOUT_VEC4): never runs
+                    runs = [c for c in configs if not fixed.get("DROPOUT")
+                            or kernels.dropout_config_ok(name, c, fixed.get("DROPOUT_VEC4", False))]
                     for config in runs[1:2] if quick else runs:
                         yield name, layout, dtype, fixed, config
 
@@ -379,13 +386,13 @@ def check_shared_memory(archs, quick: bool) -> int:
                                      for p in (("ieee",) if quick else ("tf32", "ieee") if d != "bf16" else ("tf32",))]:
                 # The rule is for launches without dropout; with DROPOUT (not --quick) the configs that run under it
                 # must agree with the rule about fitting too (the mask's tile adds a little scratch).
-                flag_variants = [{**flag_sets[1], "DROPOUT": False, "seed_ptr": None}
+                flag_variants = [{**flag_sets[1], "DROPOUT": False, "DROPOUT_VEC4": False, "seed_ptr": None}
                                  if "DROPOUT" in flag_sets[1] else flag_sets[1]]
                 if flag_sets[1].get("DROPOUT") and not quick:
                     flag_variants.append(flag_sets[1])
                 for layout, layout_fixed in list(layouts.items())[:1 if quick else None]:
-                    for flags, config in [(f, c) for f in flag_variants for c in configs
-                                          if not f.get("DROPOUT") or kernels.dropout_config_ok(name, c)]:
+                    for flags, config in [(f, c) for f in flag_variants for c in configs if not f.get("DROPOUT")
+                                          or kernels.dropout_config_ok(name, c, f.get("DROPOUT_VEC4", False))]:
                         fixed = {**flags, **layout_fixed, "PRECISION": precision}
                         smem = compile_one(tuner, pointers, fixed, config, dtype, target).metadata.shared
                         rule = kernels.shared_memory(name, config, *SIZES[dtype], R_MAX, precision)

@@ -643,9 +643,10 @@ def test_dropout_split_gradients():
 
 
 def test_dropout_prunes_the_fused_tiles_that_spill():
-    """Under DROPOUT the fused kernel keeps only tiles of at most DROPOUT_MAX_TILE elements (larger ones spill
-    registers on sm_90a, tests/sm90_compile.py): the large-shape candidates become the BLOCK_M = 16 ones; without
-    DROPOUT, and for the other kernels, nothing changes."""
+    """Under DROPOUT the fused kernel keeps only tiles of at most DROPOUT_MAX_TILE[DROPOUT_VEC4] elements (larger ones
+    spill registers on sm_90a, tests/sm90_compile.py): one Philox call per element (K % 4 != 0) leaves the BLOCK_M =
+    16 candidates for large shapes, one per 4 elements (DROPOUT_VEC4) every tile up to 128x128 (128x256 spills);
+    without DROPOUT nothing changes."""
     import triton
     T = backend()
     cfg = lambda bm, bn: triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8))
@@ -655,10 +656,15 @@ def test_dropout_prunes_the_fused_tiles_that_spill():
     tiles = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
     assert tiles(T.kernels._prune_for("fused", False, configs, args)) == [(128, 256), (64, 128)]
     assert tiles(T.kernels._prune_for("fused", False, configs, args, DROPOUT=True)) == [(16, 128), (16, 64)]
+    assert tiles(T.kernels._prune_for("fused", False, configs, args, DROPOUT=True, DROPOUT_VEC4=False)) == \
+        [(16, 128), (16, 64)]
+    assert tiles(T.kernels._prune_for("fused", False, configs, args, DROPOUT=True, DROPOUT_VEC4=True)) == [(64, 128)]
     grad = [triton.Config(dict(BLOCK_M=m, BLOCK_K=k)) for m, k in ((32, 32), (64, 128), (128, 128), (64, 64))]
     grad_args = dict(q_ptr=x, p_ptr=x, R=8, M_BUCKET=4096, N_BUCKET=4096, K_BUCKET=4096)
     blocks = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) for c in kept]
     assert blocks(T.kernels._prune_for("grad", False, grad, grad_args, DROPOUT=True)) == [(64, 64)]
+    assert blocks(T.kernels._prune_for("grad", False, grad, grad_args, DROPOUT=True, DROPOUT_VEC4=True)) == \
+        [(64, 128), (128, 128), (64, 64)]
     assert tiles(T.kernels._prune_for("fused", False, configs, {**args, "M_BUCKET": 16}, DROPOUT=True)) == \
         [(16, 128), (16, 64)]
 
@@ -681,12 +687,43 @@ if HAS_TRITON:
     from dylora_kernels.triton import kernels as _kernels
 
     @triton.jit
-    def _tile_mask(seed_ptr, out_ptr, m0, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
-        """The int8 keep mask of rows m0 + [0, BM) × columns [0, BK) of an (M, K) x, by kernels._dropout_keep."""
+    def _tile_mask(seed_ptr, out_ptr, m0, k0, K, threshold, BM: tl.constexpr, BK: tl.constexpr, VEC4: tl.constexpr):
+        """The int8 keep mask of rows m0 + [0, BM) × columns k0 + [0, BK) of an (M, K) x, by kernels._dropout_keep
+        (VEC4: one Philox call per 4 elements)."""
         offs_m = m0 + tl.arange(0, BM)
         offs_k = tl.arange(0, BK)
-        keep = _kernels._dropout_keep(tl.load(seed_ptr), offs_m, offs_k, K, threshold)
+        keep = _kernels._dropout_keep(tl.load(seed_ptr), offs_m, k0, K, threshold, BK, VEC4)
         tl.store(out_ptr + tl.arange(0, BM)[:, None] * BK + offs_k[None, :], keep.to(tl.int8))
+
+    @triton.jit
+    def _whole_mask(seed_ptr, out_ptr, M, K, threshold, BM: tl.constexpr, BK: tl.constexpr, VEC4: tl.constexpr):
+        """The int8 keep mask of an (M, K) x, one (BM, BK) tile per program, by kernels._dropout_keep."""
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        k0 = tl.program_id(1) * BK
+        offs_k = k0 + tl.arange(0, BK)
+        keep = _kernels._dropout_keep(tl.load(seed_ptr), offs_m, k0, K, threshold, BK, VEC4)
+        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8),
+                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@pytest.mark.parametrize("M,K", [(37, 52), (5, 4), (19, 64), (37, 45), (6, 3), (11, 50)],
+                         ids=["K52", "K4", "K64", "K45", "K3", "K50"])
+def test_dropout_mask_helper_both_paths(M, K):
+    """kernels._dropout_keep against reference.dropout_keep over a whole (M, K) mask, tile by tile (tiles of 4, 16 and
+    32 columns; ragged edges in both dimensions): the per-element path for every K, the one-call-per-4-elements path
+    (DROPOUT_VEC4, the column blocks interleaving the 4 outputs of each call) where K % 4 == 0, which is when the
+    launchers choose it (kernels._vec4)."""
+    from dylora_kernels import reference
+    T = backend()
+    seed, p = 2**40 + 11, 0.45
+    seed_t, threshold = T.kernels.dropout_args(p, torch.tensor(seed))
+    want = reference.dropout_keep(seed, M, K, p)
+    assert T.kernels._vec4((seed_t, threshold), K) == (K % 4 == 0) and not T.kernels._vec4(None, K)
+    for vec4 in (False, True) if K % 4 == 0 else (False,):
+        for BM, BK in ((16, 16), (8, 32), (4, 4)):
+            out = torch.full((M, K), -1, dtype=torch.int8, device=DEVICE)
+            _whole_mask[(-(-M // BM), -(-K // BK))](seed_t.to(DEVICE), out, M, K, threshold, BM=BM, BK=BK, VEC4=vec4)
+            assert torch.equal(out.cpu().bool(), want) and out.min() >= 0, (vec4, BM, BK)
 
 
 @pytest.mark.parametrize("p", [0.3, 0.9])
@@ -696,17 +733,20 @@ def test_dropout_mask_helper_uses_64_bit_element_indices(p):
     lane e & 3). A 32-bit e would wrap and draw other counters."""
     from dylora_kernels import reference
     T = backend()
-    K, BM, BK, seed = 4099, 4, 8, 12345  # K odd: rows start at every lane of a Philox call
-    for m0 in (2**32 // K - 1, 2**35 // K):
+    BM, BK, seed = 4, 8, 12345
+    # K odd: rows start at every lane of a Philox call (per element); K = 4100: one call per 4 elements, at k0 = 12
+    for K, k0, vec4, m0 in [(4099, 0, False, 2**32 // 4099 - 1), (4099, 0, False, 2**35 // 4099),
+                            (4100, 12, True, 2**32 // 4100 - 1), (4100, 12, True, 2**35 // 4100)]:
         seed_t, threshold = T.kernels.dropout_args(p, torch.tensor(seed))
         out = torch.empty(BM, BK, dtype=torch.int8, device=DEVICE)
-        _tile_mask[(1,)](seed_t.to(DEVICE), out, m0, K, threshold, BM=BM, BK=BK)
-        e = (np.uint64(m0) + np.arange(BM, dtype=np.uint64))[:, None] * np.uint64(K) + np.arange(BK, dtype=np.uint64)
+        _tile_mask[(1,)](seed_t.to(DEVICE), out, m0, k0, K, threshold, BM=BM, BK=BK, VEC4=vec4)
+        e = ((np.uint64(m0) + np.arange(BM, dtype=np.uint64))[:, None] * np.uint64(K)
+             + np.uint64(k0) + np.arange(BK, dtype=np.uint64))
         draws = np.stack(reference.philox4x32(e.reshape(-1) >> np.uint64(2), seed), axis=-1)
         r = np.take_along_axis(draws, (e.reshape(-1) & np.uint64(3)).astype(np.int64)[:, None], axis=1)[:, 0]
         want = torch.from_numpy((r >= reference.dropout_threshold(p)).reshape(BM, BK))
         assert int(e.max()) >= 2**32 and int(e.min()) < 2**35
-        assert torch.equal(out.cpu().bool(), want), m0
+        assert torch.equal(out.cpu().bool(), want), (K, m0)
 
 
 def test_split_gradients_are_deterministic_and_split():

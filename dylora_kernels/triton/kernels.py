@@ -162,17 +162,22 @@ _SHARED_MEMORY_OPERANDS = {"fused": ("x_ptr", "z_ptr"), "decode": ("x_ptr", "a_p
                            "grad": ("q_ptr", "p_ptr"), "gemv": ("q_ptr", "p_ptr")}
 
 
-# Under adapter dropout a kernel draws its masked tile's mask (one Philox per element, 64-bit e) beside its
-# accumulator: on sm_90a (tests/sm90_compile.py) the fused dx tiles of 64x128 and more, the gradient's x tiles of
-# 64x128 and more, and the decode kernel's 16x256 x tile spill registers. Largest masked tile per kernel:
-DROPOUT_MAX_TILE = {"fused": 16 * 128, "grad": 64 * 64, "decode": 16 * 128}
+# Under adapter dropout a kernel draws its masked tile's mask beside its accumulator (``_dropout_keep``). With one
+# Philox call per 4 elements (DROPOUT_VEC4: the masked dimension a multiple of 4) on sm_90a (tests/sm90_compile.py,
+# bf16): the fused dx tiles of 128x128 (204 registers) and 64x128 (202) compile clean, 128x256 spills (208 B at 255
+# registers); the gradient's x tiles up to 128x128 and the decode kernel's 16x256 x tile compile clean. With one call
+# per element (K % 4 != 0) the fused dx tiles of 64x128 and more, the gradient's x tiles of 64x128 and more and the
+# decode kernel's 16x256 tile spill. Largest masked tile per kernel, per path (VEC4, per element):
+DROPOUT_MAX_TILE = {True: {"fused": 128 * 128, "grad": 128 * 128, "decode": 16 * 256},
+                    False: {"fused": 16 * 128, "grad": 64 * 64, "decode": 16 * 128}}
 
 
-def dropout_config_ok(kernel: str, config) -> bool:
-    """Whether ``config`` may run ``kernel`` with DROPOUT=True (its masked tile within DROPOUT_MAX_TILE)."""
+def dropout_config_ok(kernel: str, config, vec4: bool = True) -> bool:
+    """Whether ``config`` may run ``kernel`` with DROPOUT=True and DROPOUT_VEC4=``vec4`` (its masked tile within
+    DROPOUT_MAX_TILE[vec4])."""
     k = config.kwargs
     tile = k.get("BLOCK_M", DECODE_MAX_M) * k.get("BLOCK_N" if kernel == "fused" else "BLOCK_K", 0)
-    return tile <= DROPOUT_MAX_TILE.get(kernel, tile)
+    return tile <= DROPOUT_MAX_TILE[bool(vec4)].get(kernel, tile)
 
 
 def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
@@ -180,9 +185,9 @@ def _prune_for(kernel: str, fixed: bool, configs, named_args, **kwargs):
     ``shared_memory_limit``: checked before a config is compiled or tried; the small config when none fits). With
     ``fixed`` (deterministic results) only the first of them: no timing decides."""
     kept = _prune(configs, named_args, **kwargs)
-    if kwargs.get("DROPOUT"):  # only tiles whose mask fits in registers (the BLOCK_M = 16 ones for large shapes)
-        kept = ([c for c in kept if dropout_config_ok(kernel, c)]
-                or [c for c in configs[1:] if dropout_config_ok(kernel, c)] or configs[:1])
+    if kwargs.get("DROPOUT"):  # only tiles whose mask fits in registers (per element: the BLOCK_M = 16 ones)
+        ok = functools.partial(dropout_config_ok, kernel, vec4=kwargs.get("DROPOUT_VEC4", False))
+        kept = [c for c in kept if ok(c)] or [c for c in configs[1:] if ok(c)] or configs[:1]
     main, side = (named_args[name] for name in _SHARED_MEMORY_OPERANDS[kernel])
     limit = shared_memory_limit(main.device)
     if limit is not None:
@@ -301,15 +306,29 @@ def _shared_rank(rank_ptr, R):
 
 
 @triton.jit
-def _dropout_keep(seed, offs_m, offs_k, K, threshold):
-    """The adapter-dropout keep mask (rows offs_m × columns offs_k) of x (M, K): element e = m·K + k (64-bit),
-    (r0, r1, r2, r3) = Philox4x32-10 of counter e >> 2 under ``seed`` (``tl.randint4x``), keep = r_{e & 3} ≥
-    threshold (``threshold``: floor(p·2³²) as the launchers pass it, its bits as an int32; see
-    ``dropout_args``). The one definition is ``reference.dropout_keep``."""
-    e = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, e >> 2)
-    lane = e & 3
-    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+def _dropout_keep(seed, offs_m, k_start, K, threshold, BLOCK_K: tl.constexpr, VEC4: tl.constexpr):
+    """The adapter-dropout keep mask (rows offs_m × columns k_start + [0, BLOCK_K)) of x (M, K): element
+    e = m·K + k (64-bit), (r0, r1, r2, r3) = Philox4x32-10 of counter e >> 2 under ``seed`` (``tl.randint4x``),
+    keep = r_{e & 3} ≥ threshold (``threshold``: floor(p·2³²) as the launchers pass it, its bits as an int32; see
+    ``dropout_args``). The one definition is ``reference.dropout_keep``.
+
+    VEC4 (K % 4 == 0; k_start and BLOCK_K are multiples of 4, as every launch's tile is): the 4 elements of a call
+    lie in one row of the tile, so one Philox call per 4 elements, on the (rows, BLOCK_K/4) counters
+    (m·K + k_start)/4 + j, its 4 outputs interleaved into (rows, BLOCK_K) (column 4j + l is r_l of counter j).
+    Otherwise one call per element (the lane e & 3 selected): 4× the Philox work."""
+    if VEC4:
+        offs_c = (k_start // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.int64)
+        c = offs_m.to(tl.int64)[:, None] * (K // 4) + offs_c[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, c)
+        # tl.join appends its new axis last: (rows, BLOCK_K/4, 2, 2) with [.., i, j] = r_{2j + i}, row-major = r0..r3
+        r = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+        r = tl.reshape(r, (offs_m.shape[0], BLOCK_K))
+    else:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        e = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, e >> 2)
+        lane = e & 3
+        r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
     return r >= threshold.to(tl.uint32, bitcast=True)
 
 
@@ -436,7 +455,7 @@ def _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@_autotune("shrink", "PER_ROW", "FOLD", "DROPOUT")
+@_autotune("shrink", "PER_ROW", "FOLD", "DROPOUT", "DROPOUT_VEC4")
 @_jit
 def _shrink_kernel(
         # pointers
@@ -448,8 +467,8 @@ def _shrink_kernel(
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        PER_ROW: tl.constexpr, FOLD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        PER_ROW: tl.constexpr, FOLD: tl.constexpr, DROPOUT: tl.constexpr, DROPOUT_VEC4: tl.constexpr,
+        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (M, R) fp32 = (X·Yᵀ) ⊙ [j < b_m], NaN rows where b_m is out of range: u = x·A[:b]ᵀ or v = g·B[:, :b].
 
     DROPOUT (u only, X = x): X's tiles are the adapter-dropout selection keep ⊙ X (``_dropout_keep``), so
@@ -488,7 +507,7 @@ def _shrink_kernel(
         y_next = tl.load(y_ptrs, mask=(offs_k[:, None] < K - k0 - BLOCK_K) & slots_used, other=0.0)
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_in[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(_dropout_keep(seed, offs_m, k0 + offs_k, K, threshold), x, 0.0)
+            x = tl.where(_dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_K, DROPOUT_VEC4), x, 0.0)
         acc = _dot(x, y, acc, PRECISION)
         if FOLD:
             part = tl.sum(w[:, None] * x.to(tl.float32), axis=0)
@@ -502,7 +521,7 @@ def _shrink_kernel(
     tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-@_autotune("fused", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "DROPOUT")
+@_autotune("fused", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "DROPOUT", "DROPOUT_VEC4")
 @_jit
 def _fused_linear_kernel(
         # pointers
@@ -516,8 +535,8 @@ def _fused_linear_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        DROPOUT: tl.constexpr, DROPOUT_VEC4: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out (M, N) = s_m·(U ⊙ [j < b_m])·Zᵀ + [X·Yᵀ] + [bias] + [base]: the forward y and the backward dx.
 
     X (M, K), Y (N, K), U (M, R) fp32, Z (N, R), base (M, N). The accumulator starts as the low-rank term, the GEMM
@@ -532,7 +551,8 @@ def _fused_linear_kernel(
     acc = _lowrank_seed(u_ptr, z_ptr, offs_m, offs_n, b, M, N, alpha, stride_um, stride_ur, stride_zn, stride_zr,
                         BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
     if DROPOUT:
-        acc = tl.where(_dropout_keep(tl.load(seed_ptr), offs_m, offs_n, N, threshold), acc, 0.0)
+        acc = tl.where(_dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N,
+                                   DROPOUT_VEC4), acc, 0.0)
     if HAS_W:
         acc = _matmul_loop(acc, x_ptr, y_ptr, offs_m, offs_n, M, N, K,
                            stride_xm, stride_xk, stride_yn, stride_yk, BLOCK_K, PRECISION)
@@ -542,7 +562,7 @@ def _fused_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@_autotune("decode", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "NEED_U", "DROPOUT")
+@_autotune("decode", "HAS_W", "HAS_BIAS", "HAS_BASE", "PER_ROW", "NEED_U", "DROPOUT", "DROPOUT_VEC4")
 @_jit
 def _decode_kernel(
         # pointers
@@ -556,8 +576,8 @@ def _decode_kernel(
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
         HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, PER_ROW: tl.constexpr,
-        NEED_U: tl.constexpr, DROPOUT: tl.constexpr, R_CAP: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        NEED_U: tl.constexpr, DROPOUT: tl.constexpr, DROPOUT_VEC4: tl.constexpr, R_CAP: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole forward for M ≤ BLOCK_M rows in one launch, one program per N-tile:
     y = x·Wᵀ + s_m·(u ⊙ [j < b_m])·B[:, :R_CAP]ᵀ + bias + base with u = x·A[:b]ᵀ accumulated in the same K loop
     (every program recomputes u: at this M it costs a re-read of A[:b] from L2, no extra launch, no extra pass over
@@ -586,7 +606,7 @@ def _decode_kernel(
         a = tl.load(a_ptr + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                     mask=k_in[:, None] & (offs_r[None, :] < r_end), other=0.0)
         if DROPOUT:
-            x = tl.where(_dropout_keep(seed, offs_m, k, K, threshold), x, 0.0)
+            x = tl.where(_dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_K, DROPOUT_VEC4), x, 0.0)
         u = _dot(x, a, u, PRECISION)
 
     low_rank = _lowrank_block(u, offs_r, b, r_end, z_ptr, offs_n, N, stride_zn, stride_zr,
@@ -601,7 +621,7 @@ def _decode_kernel(
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R) & (pid == 0))
 
 
-@_autotune("grad", "ONE_HOT", "PER_ROW", "DROPOUT")
+@_autotune("grad", "ONE_HOT", "PER_ROW", "DROPOUT", "DROPOUT_VEC4")
 @_jit
 def _lora_grad_kernel(
         # pointers
@@ -613,8 +633,8 @@ def _lora_grad_kernel(
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        ONE_HOT: tl.constexpr, PER_ROW: tl.constexpr, DROPOUT: tl.constexpr, DROPOUT_VEC4: tl.constexpr,
+        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, j, k] (fp32) = Σ_{m in split s} trained(m, j)·(P[m, j]/b_m)·Q[m, k]: one split of dA = (v/b)ᵀ·x or
     dBᵀ = (u/b)ᵀ·g over M (grid: slot blocks × K blocks × splits, so M ≥ 2048 fills the GPU).
 
@@ -649,7 +669,7 @@ def _lora_grad_kernel(
         q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :].to(tl.int64) * stride_qk,
                     mask=rows & (offs_k[None, :] < K), other=0.0)
         if DROPOUT:
-            q = tl.where(_dropout_keep(seed, offs_m, offs_k, K, threshold), q, 0.0)
+            q = tl.where(_dropout_keep(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K, DROPOUT_VEC4), q, 0.0)
         b, bad = _row_ranks(rank_ptr, offs_m, m_stop, R, PER_ROW)
         p = tl.where(bad[:, None], float("nan"), _scale_slots(p, offs_r, b, ONE_HOT))
         acc = tl.dot(tl.trans(p.to(q.dtype)), q, acc, input_precision=PRECISION)
@@ -658,7 +678,7 @@ def _lora_grad_kernel(
     tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
 
-@_autotune("gemv", "DROPOUT")
+@_autotune("gemv", "DROPOUT", "DROPOUT_VEC4")
 @_jit
 def _frozen_gemv_kernel(
         # pointers
@@ -670,7 +690,7 @@ def _frozen_gemv_kernel(
         # autotune key
         M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
         # meta-parameters
-        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        DROPOUT: tl.constexpr, DROPOUT_VEC4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, k] (fp32) = Σ_{m in split s} (P[m, b-1]/b)·Q[m, k] for one shared rank b: one split of the frozen
     prefix's only trained row, dA[b-1] = (v[:, b-1]/b)ᵀ·x (grid: K blocks × splits). One streaming read of Q, no
     tensor cores (a GEMV). Reads nothing when b is out of range (the finish kernel writes NaN then). DROPOUT: Q's
@@ -693,7 +713,8 @@ def _frozen_gemv_kernel(
     for m0 in range(m_start, m_stop, BLOCK_M):
         w, q = w_next, q_next
         if DROPOUT:
-            q = tl.where(_dropout_keep(seed, m0 + tl.arange(0, BLOCK_M), offs_k, K, threshold), q, 0.0)
+            q = tl.where(_dropout_keep(seed, m0 + tl.arange(0, BLOCK_M), pid_k * BLOCK_K, K, threshold, BLOCK_K,
+                                       DROPOUT_VEC4), q, 0.0)
         w_ptrs += BLOCK_M * stride_pm
         q_ptrs += BLOCK_M * stride_qm
         rows = offs_m < m_stop - (m0 - m_start) - BLOCK_M
@@ -795,6 +816,12 @@ def _dropout(dropout: tuple | None) -> tuple:
     return (None, 0) if dropout is None else dropout
 
 
+def _vec4(dropout: tuple | None, K: int) -> bool:
+    """The DROPOUT_VEC4 constexpr of a launch whose mask has K columns: one Philox call per 4 elements
+    (``_dropout_keep``) when K % 4 == 0; False without dropout (nothing to draw: no second binary)."""
+    return dropout is not None and K % 4 == 0
+
+
 def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True, dropout=None) -> int:
     """out (M, R) fp32 = (x·yᵀ) ⊙ [j < b_m] for x (M, K), y (R, K). With ``fold_u`` (one shared rank) also
     fold[p, k] = Σ_{m in row block p} (fold_u[m, b-1]/b)·x[m, k] for fold (≥ cdiv(M, 16), K) fp32. Returns the
@@ -815,7 +842,7 @@ def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True, 
                                       *y.stride(), *out.stride(), *_strides(fold_u), *_strides(fold), bucket(M),
                                       bucket(R), bucket(K), layout(x, y)),
                                _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, DROPOUT=dropout is not None,
-                                             BLOCK_R=BLOCK_R), precision))
+                                             DROPOUT_VEC4=_vec4(dropout, K), BLOCK_R=BLOCK_R), precision))
     return cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
@@ -832,7 +859,7 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out, precision=None, tuned
                                      *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
                               _options(dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
                                             PER_ROW=rank.dim() == 1, DROPOUT=dropout is not None,
-                                            BLOCK_R=seed_block_r(R)), precision))
+                                            DROPOUT_VEC4=_vec4(dropout, N), BLOCK_R=seed_block_r(R)), precision))
     return out
 
 
@@ -855,7 +882,8 @@ def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u, precision=None, t
                                       layout(x, w, a, z)),
                                _options(dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
                                              PER_ROW=rank.dim() == 1, NEED_U=u is not None,
-                                             DROPOUT=dropout is not None, R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M), precision))
+                                             DROPOUT=dropout is not None, DROPOUT_VEC4=_vec4(dropout, K),
+                                             R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M), precision))
     return out
 
 
@@ -899,7 +927,8 @@ def lora_grad(p, q, rank, alpha, frozen_prefix, out, precision=None, tuned=True,
     _launcher("grad", tuned)(grid, (p, q, rank, part, seed, M, K, R, rows, threshold, *p.stride(), *q.stride(),
                                     *part.stride(), bucket(M), bucket(R), bucket(K), layout(p, q)),
                              _options(dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1,
-                                           DROPOUT=dropout is not None, BLOCK_R=BLOCK_R), precision))
+                                           DROPOUT=dropout is not None, DROPOUT_VEC4=_vec4(dropout, K),
+                                           BLOCK_R=BLOCK_R), precision))
     return finish(part, splits, rank, alpha, False, out)
 
 
@@ -914,5 +943,5 @@ def frozen_grad(p, q, rank, alpha, out, tuned=True, dropout=None) -> torch.Tenso
     seed, threshold = _dropout(dropout)
     _launcher("gemv", tuned)(grid, (p, q, rank, part, seed, M, K, R, rows, threshold, *p.stride(), *q.stride(),
                                     *part.stride(), bucket(M), bucket(R), bucket(K), layout(p, q)),
-                             dict(DROPOUT=dropout is not None))
+                             dict(DROPOUT=dropout is not None, DROPOUT_VEC4=_vec4(dropout, K)))
     return finish(part, splits, rank, alpha, True, out)
