@@ -186,15 +186,12 @@ Tensor assemble(const Tensor& y_base, const optional<Tensor>& bias, const option
   return low;
 }
 
-// (n·pixels, channels) as a view of a channels-last t (n, channels, *pixels) — a convolution of a channels-last x
-// keeps that layout — or nullopt when t's memory is not laid out that way.
+// (n·pixels, channels) of a channels-last t (n, channels, *pixels) — a convolution of a channels-last x keeps that
+// layout: a view of t (reshape copies only where no view exists), or nullopt when t's channels are not contiguous.
 optional<Tensor> pixel_rows(const Tensor& t) {
   const Tensor last = t.movedim(1, -1);  // (n, *pixels, channels)
   if (last.stride(-1) != 1) return std::nullopt;
-  for (int64_t i = 0; i + 2 < last.dim(); ++i) {
-    if (last.size(i) != 1 && last.stride(i) != last.stride(i + 1) * last.size(i + 1)) return std::nullopt;
-  }
-  return last.as_strided({t.numel() / t.size(1), t.size(1)}, {last.stride(-2), 1});
+  return last.reshape({-1, t.size(1)});
 }
 
 // y_base + p·B_matᵀ as ONE GEMM over the pixels, for channels-last y_base and p (B_mat (C_out, r) scaled):

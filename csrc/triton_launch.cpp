@@ -123,14 +123,14 @@ int64_t layout_code(std::initializer_list<const at::Tensor*> tensors) {
 }
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
-// kernels.dropout_args / _dropout: the (seed_ptr, threshold) runtime arguments and the DROPOUT constexpr of a launch
-// (and DROPOUT_VEC4, kernels._vec4).
+// kernels.dropout_args / _dropout_launch: the (seed_ptr, threshold) runtime arguments and the DROPOUT and
+// DROPOUT_VEC4 constexprs of a launch.
 // The threshold floor(p·2³²) travels as the int32 with its bits (every p: one binary); none and 0 without dropout.
 struct Drop {
   const at::Tensor* seed = nullptr;  // nullptr: DROPOUT=False
   int64_t threshold = 0;
   bool on() const { return seed != nullptr; }
-  // kernels._vec4: DROPOUT_VEC4 of a launch whose mask has k columns (one Philox call per 4 elements when k % 4 == 0)
+  // DROPOUT_VEC4 of a launch whose mask has k columns (one Philox call per 4 elements when k % 4 == 0)
   bool vec4(int64_t k) const { return on() && k % 4 == 0; }
 };
 Drop drop_of(double p, const std::optional<at::Tensor>& seed) {

@@ -712,13 +712,14 @@ def test_dropout_mask_helper_both_paths(M, K):
     """kernels._dropout_keep against reference.dropout_keep over a whole (M, K) mask, tile by tile (tiles of 4, 16 and
     32 columns; ragged edges in both dimensions): the per-element path for every K, the one-call-per-4-elements path
     (DROPOUT_VEC4, the column blocks interleaving the 4 outputs of each call) where K % 4 == 0, which is when the
-    launchers choose it (kernels._vec4)."""
+    launchers choose it (kernels._dropout_launch)."""
     from dylora_kernels import reference
     T = backend()
     seed, p = 2**40 + 11, 0.45
     seed_t, threshold = T.kernels.dropout_args(p, torch.tensor(seed))
     want = reference.dropout_keep(seed, M, K, p)
-    assert T.kernels._vec4((seed_t, threshold), K) == (K % 4 == 0) and not T.kernels._vec4(None, K)
+    vec4 = lambda dropout: T.kernels._dropout_launch(dropout, K)[2]["DROPOUT_VEC4"]
+    assert vec4((seed_t, threshold)) == (K % 4 == 0) and not vec4(None)
     for vec4 in (False, True) if K % 4 == 0 else (False,):
         for BM, BK in ((16, 16), (8, 32), (4, 4)):
             out = torch.full((M, K), -1, dtype=torch.int8, device=DEVICE)

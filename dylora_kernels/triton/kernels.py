@@ -811,15 +811,12 @@ def dropout_args(p: float, seed: torch.Tensor | None) -> tuple | None:
     return seed, threshold - (1 << 32) if threshold >= 1 << 31 else threshold
 
 
-def _dropout(dropout: tuple | None) -> tuple:
-    """(seed_ptr, threshold) runtime arguments of a launch: (None, 0) without dropout."""
-    return (None, 0) if dropout is None else dropout
-
-
-def _vec4(dropout: tuple | None, K: int) -> bool:
-    """The DROPOUT_VEC4 constexpr of a launch whose mask has K columns: one Philox call per 4 elements
-    (``_dropout_keep``) when K % 4 == 0; False without dropout (nothing to draw: no second binary)."""
-    return dropout is not None and K % 4 == 0
+def _dropout_launch(dropout: tuple | None, cols: int) -> tuple:
+    """(seed_ptr, threshold, constexprs) of a launch whose mask has ``cols`` columns: (None, 0) and DROPOUT=False
+    without dropout; DROPOUT_VEC4 (one Philox call per 4 elements, ``_dropout_keep``) when cols % 4 == 0 (False
+    without dropout: nothing to draw, no second binary)."""
+    seed, threshold = (None, 0) if dropout is None else dropout
+    return seed, threshold, dict(DROPOUT=dropout is not None, DROPOUT_VEC4=dropout is not None and cols % 4 == 0)
 
 
 def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True, dropout=None) -> int:
@@ -837,12 +834,12 @@ def shrink(x, y, rank, out, fold_u=None, fold=None, precision=None, tuned=True, 
         return cdiv(M, meta["BLOCK_M"]), cdiv(R, BLOCK_R)
 
     FOLD = fold_u is not None
-    seed, threshold = _dropout(dropout)
+    seed, threshold, drop_flags = _dropout_launch(dropout, K)
     _launcher("shrink", tuned)(grid, (x, y, rank, out, fold_u, fold, seed, M, K, R, threshold, *x.stride(),
                                       *y.stride(), *out.stride(), *_strides(fold_u), *_strides(fold), bucket(M),
                                       bucket(R), bucket(K), layout(x, y)),
-                               _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, DROPOUT=dropout is not None,
-                                             DROPOUT_VEC4=_vec4(dropout, K), BLOCK_R=BLOCK_R), precision))
+                               _options(dict(PER_ROW=rank.dim() == 1, FOLD=FOLD, **drop_flags, BLOCK_R=BLOCK_R),
+                                        precision))
     return cdiv(M, used["BLOCK_M"]) if FOLD and used else 0
 
 
@@ -853,13 +850,13 @@ def fused_linear(x, y, bias, base, u, z, rank, alpha, out, precision=None, tuned
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    seed, threshold = _dropout(dropout)
+    seed, threshold, drop_flags = _dropout_launch(dropout, N)
     _launcher("fused", tuned)(grid, (x, y, u, z, bias, base, rank, out, seed, M, N, K, R, float(alpha), threshold,
                                      *x.stride(), *_strides(y), *u.stride(), *z.stride(), *_strides(bias, 1),
                                      *_strides(base), *out.stride(), bucket(M), bucket(N), bucket(K), layout(x, y, z)),
                               _options(dict(HAS_W=y is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                                            PER_ROW=rank.dim() == 1, DROPOUT=dropout is not None,
-                                            DROPOUT_VEC4=_vec4(dropout, N), BLOCK_R=seed_block_r(R)), precision))
+                                            PER_ROW=rank.dim() == 1, **drop_flags, BLOCK_R=seed_block_r(R)),
+                                       precision))
     return out
 
 
@@ -875,14 +872,13 @@ def decode_linear(x, w, bias, base, a, z, rank, alpha, out, u, precision=None, t
     M, K = x.shape
     N, R = z.shape
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]),)
-    seed, threshold = _dropout(dropout)
+    seed, threshold, drop_flags = _dropout_launch(dropout, K)
     _launcher("decode", tuned)(grid, (x, w, a, z, bias, base, rank, out, u, seed, M, N, K, R, float(alpha), threshold,
                                       *x.stride(), *_strides(w), *a.stride(), *z.stride(), *_strides(bias, 1),
                                       *_strides(base), *out.stride(), *_strides(u), bucket(M), bucket(N), bucket(K),
                                       layout(x, w, a, z)),
                                _options(dict(HAS_W=w is not None, HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                                             PER_ROW=rank.dim() == 1, NEED_U=u is not None,
-                                             DROPOUT=dropout is not None, DROPOUT_VEC4=_vec4(dropout, K),
+                                             PER_ROW=rank.dim() == 1, NEED_U=u is not None, **drop_flags,
                                              R_CAP=next_power_of_2(max(16, R)), BLOCK_M=DECODE_MAX_M), precision))
     return out
 
@@ -923,11 +919,10 @@ def lora_grad(p, q, rank, alpha, frozen_prefix, out, precision=None, tuned=True,
     splits, rows = split_rows(M, cdiv(R, BLOCK_R) * cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, R, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(R, BLOCK_R) * cdiv(K, meta["BLOCK_K"]), splits)
-    seed, threshold = _dropout(dropout)
+    seed, threshold, drop_flags = _dropout_launch(dropout, K)
     _launcher("grad", tuned)(grid, (p, q, rank, part, seed, M, K, R, rows, threshold, *p.stride(), *q.stride(),
                                     *part.stride(), bucket(M), bucket(R), bucket(K), layout(p, q)),
-                             _options(dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1,
-                                           DROPOUT=dropout is not None, DROPOUT_VEC4=_vec4(dropout, K),
+                             _options(dict(ONE_HOT=bool(frozen_prefix), PER_ROW=rank.dim() == 1, **drop_flags,
                                            BLOCK_R=BLOCK_R), precision))
     return finish(part, splits, rank, alpha, False, out)
 
@@ -940,8 +935,8 @@ def frozen_grad(p, q, rank, alpha, out, tuned=True, dropout=None) -> torch.Tenso
     splits, rows = split_rows(M, cdiv(K, 128), num_sms(q.device))
     part = torch.empty(splits, K, device=q.device, dtype=torch.float32)
     grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), splits)
-    seed, threshold = _dropout(dropout)
+    seed, threshold, drop_flags = _dropout_launch(dropout, K)
     _launcher("gemv", tuned)(grid, (p, q, rank, part, seed, M, K, R, rows, threshold, *p.stride(), *q.stride(),
                                     *part.stride(), bucket(M), bucket(R), bucket(K), layout(p, q)),
-                             dict(DROPOUT=dropout is not None, DROPOUT_VEC4=_vec4(dropout, K)))
+                             drop_flags)
     return finish(part, splits, rank, alpha, True, out)
